@@ -1,0 +1,504 @@
+//! Incremental RFC 6455 frame parser.
+//!
+//! Pure Rust, no nginx types. One [`Parser`] follows one direction of a tunnel. It is fed the
+//! bytes that were really written, in whatever pieces the network produced, and reports frame
+//! headers, payload chunks and frame ends. The header is accumulated in a fixed 14-byte buffer;
+//! the payload is only counted down, never buffered.
+
+/// Largest possible frame header: 2 + 8 (64-bit length) + 4 (mask key).
+pub const MAX_HEADER_LEN: usize = 14;
+
+/// A frame opcode (RFC 6455 5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+    /// 0x3-0x7 and 0xB-0xF.
+    Reserved(u8),
+}
+
+impl Opcode {
+    pub fn from_u8(v: u8) -> Opcode {
+        match v & 0x0f {
+            0x0 => Opcode::Continuation,
+            0x1 => Opcode::Text,
+            0x2 => Opcode::Binary,
+            0x8 => Opcode::Close,
+            0x9 => Opcode::Ping,
+            0xa => Opcode::Pong,
+            other => Opcode::Reserved(other),
+        }
+    }
+
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Opcode::Continuation => 0x0,
+            Opcode::Text => 0x1,
+            Opcode::Binary => 0x2,
+            Opcode::Close => 0x8,
+            Opcode::Ping => 0x9,
+            Opcode::Pong => 0xa,
+            Opcode::Reserved(v) => v,
+        }
+    }
+
+    /// Control frames have the high bit of the opcode set.
+    pub fn is_control(self) -> bool {
+        self.as_u8() & 0x8 != 0
+    }
+
+    /// Data frames: text, binary and continuation.
+    pub fn is_data(self) -> bool {
+        matches!(self, Opcode::Continuation | Opcode::Text | Opcode::Binary)
+    }
+
+    /// The name used in log records; `None` for reserved opcodes (logged as numbers).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Opcode::Continuation => Some("continuation"),
+            Opcode::Text => Some("text"),
+            Opcode::Binary => Some("binary"),
+            Opcode::Close => Some("close"),
+            Opcode::Ping => Some("ping"),
+            Opcode::Pong => Some("pong"),
+            Opcode::Reserved(_) => None,
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub fin: bool,
+    pub rsv1: bool,
+    pub rsv2: bool,
+    pub rsv3: bool,
+    pub opcode: Opcode,
+    /// The masking key, when the MASK bit is set.
+    pub mask: Option<[u8; 4]>,
+    /// Payload length.
+    pub len: u64,
+    /// Bytes the header took on the wire (2..=14).
+    pub header_len: u8,
+}
+
+/// What the parser reports while it is fed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete header was read.
+    Header(FrameHeader),
+    /// A piece of the current frame's payload, as it is on the wire (still masked), starting at
+    /// `offset` within the payload.
+    Payload { offset: u64, data: &'a [u8] },
+    /// The current frame ended (its last payload byte, or its header when the payload is empty).
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Header,
+    Payload,
+}
+
+/// Incremental parser for one direction.
+#[derive(Debug, Clone)]
+pub struct Parser {
+    state: State,
+    hdr: [u8; MAX_HEADER_LEN],
+    hdr_have: usize,
+    current: Option<FrameHeader>,
+    /// Payload bytes of the current frame already seen.
+    done: u64,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Parser {
+    pub fn new() -> Parser {
+        Parser {
+            state: State::Header,
+            hdr: [0; MAX_HEADER_LEN],
+            hdr_have: 0,
+            current: None,
+            done: 0,
+        }
+    }
+
+    /// True when the next byte starts a new frame.
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Header && self.hdr_have == 0
+    }
+
+    /// The header of the frame whose payload is being read, if any.
+    pub fn current(&self) -> Option<&FrameHeader> {
+        match self.state {
+            State::Payload => self.current.as_ref(),
+            State::Header => None,
+        }
+    }
+
+    /// Bytes still missing before the current frame ends, when its header is known.
+    pub fn remaining(&self) -> Option<u64> {
+        self.current().map(|h| h.len - self.done)
+    }
+
+    /// Feeds `data` and calls `f` for every event, in stream order.
+    pub fn feed<F: FnMut(Event<'_>)>(&mut self, mut data: &[u8], mut f: F) {
+        while !data.is_empty() {
+            match self.state {
+                State::Header => {
+                    let need = header_len(&self.hdr[..self.hdr_have]);
+                    let take = (need - self.hdr_have).min(data.len());
+                    self.hdr[self.hdr_have..self.hdr_have + take].copy_from_slice(&data[..take]);
+                    self.hdr_have += take;
+                    data = &data[take..];
+                    // The length bytes may have told us the header is longer than we thought.
+                    if self.hdr_have < header_len(&self.hdr[..self.hdr_have]) {
+                        continue;
+                    }
+                    let h = decode_header(&self.hdr[..self.hdr_have]);
+                    self.hdr_have = 0;
+                    self.done = 0;
+                    self.current = Some(h);
+                    f(Event::Header(h));
+                    if h.len == 0 {
+                        f(Event::End);
+                    } else {
+                        self.state = State::Payload;
+                    }
+                }
+                State::Payload => {
+                    let len = self.current.map_or(0, |h| h.len);
+                    let left = len - self.done;
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
+                    let offset = self.done;
+                    self.done += take as u64;
+                    f(Event::Payload {
+                        offset,
+                        data: &data[..take],
+                    });
+                    data = &data[take..];
+                    if self.done == len {
+                        self.state = State::Header;
+                        f(Event::End);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How long the header is, judging from the bytes seen so far (a lower bound until the second
+/// byte is known).
+fn header_len(seen: &[u8]) -> usize {
+    if seen.len() < 2 {
+        return 2;
+    }
+    let mask = if seen[1] & 0x80 != 0 { 4 } else { 0 };
+    let ext = match seen[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + mask
+}
+
+fn decode_header(b: &[u8]) -> FrameHeader {
+    let len7 = b[1] & 0x7f;
+    let (len, mut pos) = match len7 {
+        126 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+        127 => {
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&b[2..10]);
+            (u64::from_be_bytes(l), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    let mask = if b[1] & 0x80 != 0 {
+        let m = [b[pos], b[pos + 1], b[pos + 2], b[pos + 3]];
+        pos += 4;
+        Some(m)
+    } else {
+        None
+    };
+    FrameHeader {
+        fin: b[0] & 0x80 != 0,
+        rsv1: b[0] & 0x40 != 0,
+        rsv2: b[0] & 0x20 != 0,
+        rsv3: b[0] & 0x10 != 0,
+        opcode: Opcode::from_u8(b[0]),
+        mask,
+        len,
+        header_len: pos as u8,
+    }
+}
+
+/// Unmasks `data`, which starts at `offset` within a payload masked with `mask`, in place.
+pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: u64) {
+    let start = (offset % 4) as usize;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[(start + i) % 4];
+    }
+}
+
+/// Encodes a frame header (used by tests and by the proxy when it injects frames).
+pub fn encode_header(h: &FrameHeader) -> ([u8; MAX_HEADER_LEN], usize) {
+    let mut out = [0u8; MAX_HEADER_LEN];
+    out[0] = (u8::from(h.fin) << 7)
+        | (u8::from(h.rsv1) << 6)
+        | (u8::from(h.rsv2) << 5)
+        | (u8::from(h.rsv3) << 4)
+        | h.opcode.as_u8();
+    let mask_bit = if h.mask.is_some() { 0x80 } else { 0 };
+    let mut pos = 2;
+    if h.len < 126 {
+        out[1] = mask_bit | h.len as u8;
+    } else if h.len <= u64::from(u16::MAX) {
+        out[1] = mask_bit | 126;
+        out[2..4].copy_from_slice(&(h.len as u16).to_be_bytes());
+        pos = 4;
+    } else {
+        out[1] = mask_bit | 127;
+        out[2..10].copy_from_slice(&h.len.to_be_bytes());
+        pos = 10;
+    }
+    if let Some(m) = h.mask {
+        out[pos..pos + 4].copy_from_slice(&m);
+        pos += 4;
+    }
+    (out, pos)
+}
+
+/// Parses a close frame's (unmasked) payload into its status code and reason.
+pub fn parse_close_payload(p: &[u8]) -> (Option<u16>, Option<String>) {
+    if p.len() < 2 {
+        return (None, None);
+    }
+    let code = u16::from_be_bytes([p[0], p[1]]);
+    let reason = if p.len() > 2 {
+        Some(String::from_utf8_lossy(&p[2..]).into_owned())
+    } else {
+        None
+    };
+    (Some(code), reason)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Builds a complete frame with the given payload (masked when `mask` is set).
+    pub fn build_frame(
+        fin: bool,
+        opcode: Opcode,
+        mask: Option<[u8; 4]>,
+        payload: &[u8],
+        rsv1: bool,
+    ) -> Vec<u8> {
+        let h = FrameHeader {
+            fin,
+            rsv1,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            len: payload.len() as u64,
+            header_len: 0,
+        };
+        let (hdr, n) = encode_header(&h);
+        let mut out = hdr[..n].to_vec();
+        let mut p = payload.to_vec();
+        if let Some(m) = mask {
+            unmask(&mut p, m, 0);
+        }
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// What a parser saw: headers and unmasked payloads, frame by frame.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Seen {
+        frames: Vec<(FrameHeader, Vec<u8>)>,
+        open: Option<(FrameHeader, Vec<u8>)>,
+    }
+
+    fn feed_all(chunks: &[&[u8]]) -> Vec<(FrameHeader, Vec<u8>)> {
+        let mut p = Parser::new();
+        let mut seen = Seen::default();
+        for c in chunks {
+            p.feed(c, |ev| match ev {
+                Event::Header(h) => seen.open = Some((h, Vec::new())),
+                Event::Payload { offset, data } => {
+                    let (h, buf) = seen.open.as_mut().expect("payload before header");
+                    assert_eq!(offset, buf.len() as u64);
+                    let mut d = data.to_vec();
+                    if let Some(m) = h.mask {
+                        unmask(&mut d, m, offset);
+                    }
+                    buf.extend_from_slice(&d);
+                }
+                Event::End => {
+                    let f = seen.open.take().expect("end before header");
+                    seen.frames.push(f);
+                }
+            });
+        }
+        seen.frames
+    }
+
+    fn sample_stream() -> (Vec<u8>, usize) {
+        let mut s = Vec::new();
+        s.extend(build_frame(true, Opcode::Text, None, b"hello", false));
+        s.extend(build_frame(false, Opcode::Binary, Some([1, 2, 3, 4]), &[7u8; 300], false));
+        s.extend(build_frame(true, Opcode::Ping, Some([9, 8, 7, 6]), b"", false));
+        s.extend(build_frame(true, Opcode::Continuation, None, &[5u8; 70000], false));
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        s.extend(build_frame(true, Opcode::Close, Some([0xaa, 0xbb, 0xcc, 0xdd]), &close, false));
+        (s, 5)
+    }
+
+    #[test]
+    fn whole_stream() {
+        let (s, n) = sample_stream();
+        let frames = feed_all(&[&s]);
+        assert_eq!(frames.len(), n);
+        assert_eq!(frames[0].0.opcode, Opcode::Text);
+        assert_eq!(frames[0].1, b"hello");
+        assert_eq!(frames[1].0.len, 300);
+        assert_eq!(frames[1].0.header_len, 8);
+        assert!(!frames[1].0.fin);
+        assert_eq!(frames[1].1, vec![7u8; 300]);
+        assert_eq!(frames[2].0.opcode, Opcode::Ping);
+        assert_eq!(frames[2].0.len, 0);
+        assert_eq!(frames[3].0.len, 70000);
+        assert_eq!(frames[3].0.header_len, 10);
+        assert_eq!(
+            parse_close_payload(&frames[4].1),
+            (Some(1000), Some("bye".to_string()))
+        );
+    }
+
+    #[test]
+    fn split_at_every_byte() {
+        let (s, _) = sample_stream();
+        let whole = feed_all(&[&s]);
+        // Every two-way split, and one byte at a time.
+        for cut in 0..=s.len() {
+            let (a, b) = s.split_at(cut);
+            assert_eq!(feed_all(&[a, b]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = s.chunks(1).collect();
+        assert_eq!(feed_all(&bytes), whole);
+    }
+
+    #[test]
+    fn lengths_7_16_64() {
+        for len in [0usize, 1, 125, 126, 127, 65535, 65536, 70000] {
+            let payload = vec![0x41u8; len];
+            let f = build_frame(true, Opcode::Binary, Some([1, 1, 1, 1]), &payload, false);
+            let frames = feed_all(&[&f]);
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].0.len, len as u64);
+            assert_eq!(frames[0].1, payload);
+        }
+        // A 64-bit length far beyond memory: only counted.
+        let h = FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode: Opcode::Binary,
+            mask: None,
+            len: 1 << 40,
+            header_len: 0,
+        };
+        let (hdr, n) = encode_header(&h);
+        let mut p = Parser::new();
+        let mut got = None;
+        p.feed(&hdr[..n], |ev| {
+            if let Event::Header(h) = ev {
+                got = Some(h.len)
+            }
+        });
+        assert_eq!(got, Some(1 << 40));
+        assert_eq!(p.remaining(), Some(1 << 40));
+        p.feed(&[0u8; 1000], |_| {});
+        assert_eq!(p.remaining(), Some((1 << 40) - 1000));
+        assert!(!p.at_boundary());
+    }
+
+    #[test]
+    fn close_payloads() {
+        assert_eq!(parse_close_payload(b""), (None, None));
+        assert_eq!(parse_close_payload(&[0x03, 0xe8]), (Some(1000), None));
+        assert_eq!(
+            parse_close_payload(&[0x03, 0xe9, b'x', 0xff]),
+            (Some(1001), Some("x\u{fffd}".to_string()))
+        );
+    }
+
+    #[test]
+    fn reserved_opcodes_and_rsv() {
+        let f = build_frame(true, Opcode::Reserved(0x3), None, b"ab", true);
+        let frames = feed_all(&[&f]);
+        assert_eq!(frames[0].0.opcode, Opcode::Reserved(3));
+        assert!(frames[0].0.rsv1);
+        assert_eq!(Opcode::Reserved(3).name(), None);
+        assert!(Opcode::Reserved(0xb).is_control());
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(Opcode::Text),
+                Just(Opcode::Binary),
+                Just(Opcode::Continuation),
+                Just(Opcode::Ping),
+                Just(Opcode::Pong),
+                Just(Opcode::Close),
+                (3u8..8).prop_map(Opcode::Reserved),
+            ],
+            proptest::option::of(any::<[u8; 4]>()),
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..130),
+                proptest::collection::vec(any::<u8>(), 120..70_000),
+            ],
+            any::<bool>(),
+        )
+            .prop_map(|(fin, op, mask, payload, rsv1)| build_frame(fin, op, mask, &payload, rsv1))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_split_gives_same_frames(
+            frames in proptest::collection::vec(arb_frame(), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..20),
+        ) {
+            let stream: Vec<u8> = frames.concat();
+            let whole = feed_all(&[&stream]);
+            prop_assert_eq!(whole.len(), frames.len());
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&stream[last..p]);
+                last = p;
+            }
+            chunks.push(&stream[last..]);
+            prop_assert_eq!(feed_all(&chunks), whole);
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Directives, typed configuration and configuration errors.
+
+use core::ffi::{c_char, c_void};
+use core::ptr::{self, NonNull};
+
+use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::{
+    ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
+    ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+};
+use ngx::http::{Merge, MergeConfigError};
+use ngx::{ngx_conf_log_error, ngx_string};
+
+use crate::log::LogFile;
+
+/// nginx's `NGX_CONF_UNSET_SIZE`.
+const NGX_CONF_UNSET_SIZE: usize = usize::MAX;
+
+/// Largest `ws_log_payload`.
+pub const MAX_PAYLOAD_CAPTURE: usize = 64 * 1024;
+
+/// A configuration error, printed once at the directive.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfError {
+    #[error("invalid value \"{value}\" in \"{directive}\" directive")]
+    InvalidValue { directive: &'static str, value: String },
+    #[error("invalid parameter \"{value}\" in \"{directive}\" directive")]
+    InvalidParameter { directive: &'static str, value: String },
+    #[error("\"{0}\" directive is duplicate")]
+    Duplicate(&'static str),
+    #[error("\"ws_log_payload\" must not exceed {max} bytes, \"{value}\" given")]
+    PayloadTooLarge { value: String, max: usize },
+    #[error("\"ws_log\" \"{0}\": flush= needs buffer=")]
+    FlushWithoutBuffer(String),
+    #[error("\"ws_log\" \"{0}\" is already defined with conflicting parameters")]
+    LogConflict(String),
+    #[error("\"ws_log\" \"{0}\" cannot share its file with a buffered log of another module")]
+    LogShared(String),
+    #[error("out of memory")]
+    NoMemory,
+}
+
+/// Which records `ws_log` writes.
+pub mod events {
+    pub const OPEN: u32 = 1;
+    pub const FRAME: u32 = 2;
+    pub const MESSAGE: u32 = 4;
+    pub const CLOSE: u32 = 8;
+    pub const REJECT: u32 = 16;
+    pub const DEFAULT: u32 = OPEN | CLOSE;
+
+    pub fn parse(name: &str) -> Option<u32> {
+        Some(match name {
+            "open" => OPEN,
+            "frame" => FRAME,
+            "message" => MESSAGE,
+            "close" => CLOSE,
+            "reject" => REJECT,
+            _ => return None,
+        })
+    }
+}
+
+/// `ws_log` in one scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogTarget {
+    #[default]
+    Unset,
+    Off,
+    File(NonNull<LogFile>),
+}
+
+#[derive(Debug)]
+pub struct MainConf {
+    /// Index of `$request_id`, for the records' `request_id`.
+    pub request_id_index: ngx_int_t,
+    /// Every `ws_log` file of this configuration, for the flush callback and checks.
+    pub logs: Vec<NonNull<LogFile>>,
+}
+
+impl Default for MainConf {
+    fn default() -> Self {
+        MainConf {
+            request_id_index: NGX_ERROR as ngx_int_t,
+            logs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LocConf {
+    pub log: LogTarget,
+    /// Bit set of [`events`]; `u32::MAX` while unset.
+    pub events: u32,
+    pub payload: usize,
+}
+
+impl Default for LocConf {
+    fn default() -> Self {
+        LocConf {
+            log: LogTarget::Unset,
+            events: u32::MAX,
+            payload: NGX_CONF_UNSET_SIZE,
+        }
+    }
+}
+
+impl LocConf {
+    /// The log file records go to, if logging is on here.
+    pub fn log_file(&self) -> Option<NonNull<LogFile>> {
+        match self.log {
+            LogTarget::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether any directive that observes or acts on tunnels applies here.
+    pub fn tracks_tunnels(&self) -> bool {
+        self.log_file().is_some()
+    }
+}
+
+impl Merge for LocConf {
+    fn merge(&mut self, prev: &LocConf) -> Result<(), MergeConfigError> {
+        if self.log == LogTarget::Unset {
+            self.log = if prev.log == LogTarget::Unset {
+                LogTarget::Off
+            } else {
+                prev.log
+            };
+        }
+        if self.events == u32::MAX {
+            self.events = if prev.events == u32::MAX {
+                events::DEFAULT
+            } else {
+                prev.events
+            };
+        }
+        if self.payload == NGX_CONF_UNSET_SIZE {
+            self.payload = if prev.payload == NGX_CONF_UNSET_SIZE {
+                0
+            } else {
+                prev.payload
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of the directive being parsed (the name first).
+///
+/// # Safety
+/// `cf` must be the configuration being parsed, as nginx passes it to a directive handler.
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    // SAFETY: during directive parsing cf->args is an array of ngx_str_t with at least the name.
+    unsafe { (*(*cf).args).as_slice() }
+}
+
+fn text(s: &ngx_str_t) -> String {
+    String::from_utf8_lossy(s.as_bytes()).into_owned()
+}
+
+/// Parses an nginx size (`64k`, `1m`).
+pub fn parse_size(s: &ngx_str_t) -> Option<usize> {
+    let mut s = *s;
+    // SAFETY: ngx_parse_size only reads `s.len` bytes at `s.data`.
+    let v = unsafe { ngx_parse_size(&mut s) };
+    usize::try_from(v).ok()
+}
+
+/// Parses an nginx time (`30s`, `5m`, `500ms`) into milliseconds.
+pub fn parse_msec(s: &ngx_str_t) -> Option<ngx_msec_t> {
+    let mut s = *s;
+    // SAFETY: ngx_parse_time only reads `s.len` bytes at `s.data`.
+    let v = unsafe { ngx_parse_time(&mut s, 0) };
+    if v == NGX_ERROR as ngx_int_t {
+        None
+    } else {
+        ngx_msec_t::try_from(v).ok()
+    }
+}
+
+/// Runs a directive's parser, printing its error once the way nginx prints its own.
+fn finish(cf: *mut ngx_conf_t, r: Result<(), ConfError>) -> *mut c_char {
+    match r {
+        Ok(()) => NGX_CONF_OK,
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+            NGX_CONF_ERROR
+        }
+    }
+}
+
+extern "C" fn ngx_http_ws_set_log(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with the location configuration our create_loc_conf made.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    // SAFETY: called by nginx while parsing this directive.
+    let r = unsafe { set_log(cf, lcf) };
+    finish(cf, r)
+}
+
+/// # Safety
+/// Called from the `ws_log` directive handler with nginx's `cf`.
+unsafe fn set_log(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.log != LogTarget::Unset {
+        return Err(ConfError::Duplicate("ws_log"));
+    }
+    // SAFETY: see the function's contract.
+    let a = unsafe { args(cf) };
+    if a[1].as_bytes() == b"off" {
+        if a.len() > 2 {
+            return Err(ConfError::InvalidParameter {
+                directive: "ws_log",
+                value: text(&a[2]),
+            });
+        }
+        lcf.log = LogTarget::Off;
+        return Ok(());
+    }
+    let path = text(&a[1]);
+    if path.is_empty() {
+        return Err(ConfError::InvalidValue {
+            directive: "ws_log",
+            value: path,
+        });
+    }
+    let mut buffer = 0usize;
+    let mut flush: ngx_msec_t = 0;
+    for p in &a[2..] {
+        let b = p.as_bytes();
+        let bad = || ConfError::InvalidParameter {
+            directive: "ws_log",
+            value: text(p),
+        };
+        if let Some(v) = b.strip_prefix(b"buffer=") {
+            let v = ngx_str_t {
+                len: v.len(),
+                data: v.as_ptr().cast_mut(),
+            };
+            buffer = parse_size(&v).filter(|&n| n > 0).ok_or_else(bad)?;
+        } else if let Some(v) = b.strip_prefix(b"flush=") {
+            let v = ngx_str_t {
+                len: v.len(),
+                data: v.as_ptr().cast_mut(),
+            };
+            flush = parse_msec(&v).filter(|&n| n > 0).ok_or_else(bad)?;
+        } else {
+            return Err(bad());
+        }
+    }
+    if flush > 0 && buffer == 0 {
+        return Err(ConfError::FlushWithoutBuffer(path));
+    }
+
+    // SAFETY: cf is valid during parsing; ngx_conf_open_file copies nothing it does not own.
+    let file = unsafe {
+        let mut name = a[1];
+        ngx_conf_open_file((*cf).cycle, &mut name)
+    };
+    let file = NonNull::new(file).ok_or(ConfError::NoMemory)?;
+    // SAFETY: the http main conf exists while http{} is parsed.
+    let mcf = unsafe { main_conf(cf) }.ok_or(ConfError::NoMemory)?;
+
+    for &existing in &mcf.logs {
+        // SAFETY: LogFiles live in the configuration pool for the cycle's lifetime.
+        let lf = unsafe { existing.as_ref() };
+        if lf.file() == file.as_ptr() {
+            if lf.buffer_size() != buffer || lf.flush_msec() != flush {
+                return Err(ConfError::LogConflict(path));
+            }
+            lcf.log = LogTarget::File(existing);
+            return Ok(());
+        }
+    }
+    // SAFETY: file was just returned by ngx_conf_open_file.
+    if unsafe { !LogFile::file_is_free(file.as_ptr()) } {
+        return Err(ConfError::LogShared(path));
+    }
+
+    // SAFETY: cf->pool is the configuration pool; it outlives every request of this cycle.
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+    // SAFETY: cf is valid during parsing.
+    let lf = unsafe { LogFile::new(file.as_ptr(), buffer, flush, &raw mut (*(*cf).cycle).new_log) };
+    let lf = NonNull::new(pool.allocate(lf)).ok_or(ConfError::NoMemory)?;
+    // SAFETY: freshly allocated, fixed address from now on.
+    unsafe { LogFile::install(lf) };
+    mcf.logs.push(lf);
+    lcf.log = LogTarget::File(lf);
+    Ok(())
+}
+
+extern "C" fn ngx_http_ws_set_log_events(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    let r = (|| {
+        if lcf.events != u32::MAX {
+            return Err(ConfError::Duplicate("ws_log_events"));
+        }
+        let mut set = 0;
+        // SAFETY: called by nginx while parsing this directive.
+        for a in unsafe { &args(cf)[1..] } {
+            let name = text(a);
+            set |= events::parse(&name).ok_or(ConfError::InvalidValue {
+                directive: "ws_log_events",
+                value: name,
+            })?;
+        }
+        lcf.events = set;
+        Ok(())
+    })();
+    finish(cf, r)
+}
+
+extern "C" fn ngx_http_ws_set_log_payload(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    let r = (|| {
+        if lcf.payload != NGX_CONF_UNSET_SIZE {
+            return Err(ConfError::Duplicate("ws_log_payload"));
+        }
+        // SAFETY: called by nginx while parsing this directive.
+        let a = unsafe { &args(cf)[1] };
+        let n = parse_size(a).ok_or(ConfError::InvalidValue {
+            directive: "ws_log_payload",
+            value: text(a),
+        })?;
+        if n > MAX_PAYLOAD_CAPTURE {
+            return Err(ConfError::PayloadTooLarge {
+                value: text(a),
+                max: MAX_PAYLOAD_CAPTURE,
+            });
+        }
+        lcf.payload = n;
+        Ok(())
+    })();
+    finish(cf, r)
+}
+
+/// The http main configuration while http{} is being parsed.
+///
+/// # Safety
+/// `cf` must be a configuration inside http{}.
+pub unsafe fn main_conf<'a>(cf: *mut ngx_conf_t) -> Option<&'a mut MainConf> {
+    use ngx::http::HttpModuleConfExt;
+    // SAFETY: inside http{}, cf->ctx is an ngx_http_conf_ctx_t holding our main conf.
+    unsafe {
+        (*cf)
+            .http_main_conf_unchecked::<MainConf>(crate::module())
+            .map(|mut p| p.as_mut())
+    }
+}
+
+/// Looks up `$request_id`'s index once, at configuration time.
+///
+/// # Safety
+/// `cf` must be a configuration inside http{}.
+pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result<(), ConfError> {
+    let mut name = ngx_string!("request_id");
+    // SAFETY: cf is valid; the name outlives the call (nginx copies it).
+    let idx = unsafe { ngx_http_get_variable_index(cf, &mut name) };
+    if idx == NGX_ERROR as ngx_int_t {
+        return Err(ConfError::NoMemory);
+    }
+    mcf.request_id_index = idx;
+    Ok(())
+}
+
+const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
+
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 4] = [
+    ngx_command_t {
+        name: ngx_string!("ws_log"),
+        type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_log),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_log_events"),
+        type_: LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
+        set: Some(ngx_http_ws_set_log_events),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_log_payload"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_log_payload),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_read_like_nginx() {
+        let e = ConfError::InvalidValue {
+            directive: "ws_log_payload",
+            value: "abc".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid value \"abc\" in \"ws_log_payload\" directive"
+        );
+        assert_eq!(
+            ConfError::Duplicate("ws_log").to_string(),
+            "\"ws_log\" directive is duplicate"
+        );
+    }
+
+    #[test]
+    fn event_names() {
+        assert_eq!(events::parse("frame"), Some(events::FRAME));
+        assert_eq!(events::parse("Frame"), None);
+        assert_eq!(events::parse("opening"), None);
+    }
+}

@@ -7,8 +7,8 @@ use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
     ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
@@ -25,9 +25,15 @@ pub const MAX_PAYLOAD_CAPTURE: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfError {
     #[error("invalid value \"{value}\" in \"{directive}\" directive")]
-    InvalidValue { directive: &'static str, value: String },
+    InvalidValue {
+        directive: &'static str,
+        value: String,
+    },
     #[error("invalid parameter \"{value}\" in \"{directive}\" directive")]
-    InvalidParameter { directive: &'static str, value: String },
+    InvalidParameter {
+        directive: &'static str,
+        value: String,
+    },
     #[error("\"{0}\" directive is duplicate")]
     Duplicate(&'static str),
     #[error("\"ws_log_payload\" must not exceed {max} bytes, \"{value}\" given")]
@@ -286,7 +292,14 @@ unsafe fn set_log(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfErro
     // SAFETY: cf->pool is the configuration pool; it outlives every request of this cycle.
     let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
     // SAFETY: cf is valid during parsing.
-    let lf = unsafe { LogFile::new(file.as_ptr(), buffer, flush, &raw mut (*(*cf).cycle).new_log) };
+    let lf = unsafe {
+        LogFile::new(
+            file.as_ptr(),
+            buffer,
+            flush,
+            &raw mut (*(*cf).cycle).new_log,
+        )
+    };
     let lf = NonNull::new(pool.allocate(lf)).ok_or(ConfError::NoMemory)?;
     // SAFETY: freshly allocated, fixed address from now on.
     unsafe { LogFile::install(lf) };

@@ -358,12 +358,36 @@ pub(crate) mod tests {
     fn sample_stream() -> (Vec<u8>, usize) {
         let mut s = Vec::new();
         s.extend(build_frame(true, Opcode::Text, None, b"hello", false));
-        s.extend(build_frame(false, Opcode::Binary, Some([1, 2, 3, 4]), &[7u8; 300], false));
-        s.extend(build_frame(true, Opcode::Ping, Some([9, 8, 7, 6]), b"", false));
-        s.extend(build_frame(true, Opcode::Continuation, None, &[5u8; 70000], false));
+        s.extend(build_frame(
+            false,
+            Opcode::Binary,
+            Some([1, 2, 3, 4]),
+            &[7u8; 300],
+            false,
+        ));
+        s.extend(build_frame(
+            true,
+            Opcode::Ping,
+            Some([9, 8, 7, 6]),
+            b"",
+            false,
+        ));
+        s.extend(build_frame(
+            true,
+            Opcode::Continuation,
+            None,
+            &[5u8; 70000],
+            false,
+        ));
         let mut close = 1000u16.to_be_bytes().to_vec();
         close.extend_from_slice(b"bye");
-        s.extend(build_frame(true, Opcode::Close, Some([0xaa, 0xbb, 0xcc, 0xdd]), &close, false));
+        s.extend(build_frame(
+            true,
+            Opcode::Close,
+            Some([0xaa, 0xbb, 0xcc, 0xdd]),
+            &close,
+            false,
+        ));
         (s, 5)
     }
 

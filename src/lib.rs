@@ -18,9 +18,8 @@ use core::ptr;
 
 use ngx::core::{Status, NGX_CONF_ERROR};
 use ngx::ffi::{
-    ngx_conf_t, ngx_cycle, ngx_http_module_t, ngx_http_output_header_filter_pt,
-    ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR,
-    NGX_HTTP_MODULE, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_cycle, ngx_http_module_t, ngx_http_output_header_filter_pt, ngx_http_request_t,
+    ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf};
 use ngx::ngx_conf_log_error;
@@ -143,5 +142,11 @@ pub unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
     // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
     let cycle = unsafe { ngx_cycle.as_ref()? };
     // SAFETY: the http main conf of this module is a MainConf.
-    unsafe { Some(cycle.http_main_conf_unchecked::<MainConf>(module())?.as_mut()) }
+    unsafe {
+        Some(
+            cycle
+                .http_main_conf_unchecked::<MainConf>(module())?
+                .as_mut(),
+        )
+    }
 }

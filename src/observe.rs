@@ -313,7 +313,13 @@ mod tests {
             Rec::Frame { op: Opcode::Continuation, kind: Some(Opcode::Text), payload: Some(p), truncated: false, .. } if p == b"lo w"
         ));
         // The message record follows the frame that completed it.
-        assert!(matches!(recs[3], Rec::Frame { op: Opcode::Continuation, .. }));
+        assert!(matches!(
+            recs[3],
+            Rec::Frame {
+                op: Opcode::Continuation,
+                ..
+            }
+        ));
         assert!(matches!(recs[4], Rec::Message(_)));
     }
 
@@ -360,6 +366,13 @@ mod tests {
         assert_eq!(d.messages, 0);
         assert!(d.close_sent);
         assert_eq!(d.close_code, None);
-        assert!(matches!(recs[1], Rec::Frame { op: Opcode::Close, code: None, .. }));
+        assert!(matches!(
+            recs[1],
+            Rec::Frame {
+                op: Opcode::Close,
+                code: None,
+                ..
+            }
+        ));
     }
 }

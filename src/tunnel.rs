@@ -12,9 +12,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use ngx::core::Pool;
 use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_http_get_indexed_variable, ngx_http_request_t,
-    ngx_int_t, ngx_msec_t, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr,
-    socklen_t, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT,
-    NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20,
+    ngx_int_t, ngx_msec_t, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t, NGX_ERROR,
+    NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
+    NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20,
 };
 use ngx::http::Request;
 use ngx::ngx_log_debug_http;
@@ -129,7 +129,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     // SAFETY: both connections are live for the request's lifetime.
     let (conn, client_send, upstream_send) = unsafe {
         (
-            (*client_conn).number as u64,
+            (*client_conn).number as _,
             (*client_conn).send,
             (*upstream_conn).send,
         )
@@ -486,11 +486,16 @@ impl Tunnel {
         });
 
         // Give nginx its pointers back; a recycled connection must never reach a wrapper.
-        if cc.send.is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_send_client as SendFn)) {
+        if cc
+            .send
+            .is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_send_client as SendFn))
+        {
             cc.send = self.client_send;
         }
         if let Some(u) = uc {
-            if u.send.is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_send_upstream as SendFn)) {
+            if u.send
+                .is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_send_upstream as SendFn))
+            {
                 u.send = self.upstream_send;
             }
         }

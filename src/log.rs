@@ -172,10 +172,12 @@ impl LogFile {
         }
         self.last_error = now;
         let msg = if n < 0 {
+            let code = err.raw_os_error().unwrap_or(0);
+            let text = err.to_string();
+            let text = text.split(" (os error").next().unwrap_or_default();
             format!(
-                "ws: write() to \"{}\" failed ({}), {} log records dropped so far",
+                "ws: write() to \"{}\" failed ({code}: {text}), {} log records dropped so far",
                 self.name(),
-                err,
                 self.dropped
             )
         } else {

@@ -1,0 +1,8 @@
+//! Integration tests: the vendored nginx (or `NGX_WS_NGINX`) with the module loaded by
+//! `load_module`, real WebSocket peers, run-time ports on 127.0.0.1.
+
+mod config;
+mod harness;
+mod logfile;
+mod tls;
+mod tunnel;

@@ -421,31 +421,3 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 4] = [
     },
     ngx_command_t::empty(),
 ];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_messages_read_like_nginx() {
-        let e = ConfError::InvalidValue {
-            directive: "ws_log_payload",
-            value: "abc".into(),
-        };
-        assert_eq!(
-            e.to_string(),
-            "invalid value \"abc\" in \"ws_log_payload\" directive"
-        );
-        assert_eq!(
-            ConfError::Duplicate("ws_log").to_string(),
-            "\"ws_log\" directive is duplicate"
-        );
-    }
-
-    #[test]
-    fn event_names() {
-        assert_eq!(events::parse("frame"), Some(events::FRAME));
-        assert_eq!(events::parse("Frame"), None);
-        assert_eq!(events::parse("opening"), None);
-    }
-}

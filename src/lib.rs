@@ -5,148 +5,164 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod conf;
+// Pure Rust, unit-tested by `cargo test`.
 pub mod frame;
-pub mod log;
 pub mod observe;
 pub mod record;
+
+// The nginx-facing glue is left out of the unit-test binary, which cannot link nginx's symbols;
+// the integration tests in tests/ exercise it inside a real nginx.
+#[cfg(not(test))]
+pub mod conf;
+#[cfg(not(test))]
+pub mod log;
+#[cfg(not(test))]
 pub mod tunnel;
+#[cfg(not(test))]
 pub mod variables;
+#[cfg(not(test))]
+pub use glue::{cycle_main_conf, loc_conf, module, ngx_http_ws_module};
 
-use core::ffi::{c_char, c_void};
-use core::ptr;
+/// Module statics, the HttpModule implementation and the header filter.
+#[cfg(not(test))]
+mod glue {
+    use core::ffi::{c_char, c_void};
+    use core::ptr;
 
-use ngx::core::{Status, NGX_CONF_ERROR};
-use ngx::ffi::{
-    ngx_conf_t, ngx_cycle, ngx_http_module_t, ngx_http_output_header_filter_pt, ngx_http_request_t,
-    ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR, NGX_HTTP_MODULE, NGX_LOG_EMERG,
-};
-use ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf};
-use ngx::ngx_conf_log_error;
+    use ngx::core::{Status, NGX_CONF_ERROR};
+    use ngx::ffi::{
+        ngx_conf_t, ngx_cycle, ngx_http_module_t, ngx_http_output_header_filter_pt,
+        ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR,
+        NGX_HTTP_MODULE, NGX_LOG_EMERG,
+    };
+    use ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf};
+    use ngx::ngx_conf_log_error;
 
-use crate::conf::{LocConf, MainConf, NGX_HTTP_WS_COMMANDS};
+    use crate::conf::{self, LocConf, MainConf, NGX_HTTP_WS_COMMANDS};
+    use crate::{tunnel, variables};
 
-struct Module;
+    struct Module;
 
-impl HttpModule for Module {
-    fn module() -> &'static ngx_module_t {
-        module()
-    }
-
-    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        // SAFETY: nginx passes the http{} configuration being parsed.
-        unsafe { variables::add(cf) }.into()
-    }
-
-    unsafe extern "C" fn postconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
-        // SAFETY: nginx builds the filter chain single-threaded during configuration; each
-        // module keeps the next filter and puts itself on top, as nginx's own filters do.
-        unsafe {
-            NEXT_HEADER_FILTER = ngx_http_top_header_filter;
-            ngx_http_top_header_filter = Some(ngx_http_ws_header_filter);
+    impl HttpModule for Module {
+        fn module() -> &'static ngx_module_t {
+            module()
         }
-        Status::NGX_OK.into()
-    }
 
-    unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
-        // SAFETY: nginx passes our main configuration.
-        let mcf = unsafe { &mut *conf.cast::<MainConf>() };
-        // SAFETY: cf is the http{} configuration.
-        if unsafe { conf::init_request_id(cf, mcf) }.is_err() {
-            return NGX_CONF_ERROR;
+        unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+            // SAFETY: nginx passes the http{} configuration being parsed.
+            unsafe { variables::add(cf) }.into()
         }
-        for lf in &mcf.logs {
-            // SAFETY: LogFiles live in the configuration pool.
-            let lf = unsafe { lf.as_ref() };
-            if !lf.still_ours() {
-                let e = conf::ConfError::LogShared(lf.name());
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+
+        unsafe extern "C" fn postconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
+            // SAFETY: nginx builds the filter chain single-threaded during configuration; each
+            // module keeps the next filter and puts itself on top, as nginx's own filters do.
+            unsafe {
+                NEXT_HEADER_FILTER = ngx_http_top_header_filter;
+                ngx_http_top_header_filter = Some(ngx_http_ws_header_filter);
+            }
+            Status::NGX_OK.into()
+        }
+
+        unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+            // SAFETY: nginx passes our main configuration.
+            let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+            // SAFETY: cf is the http{} configuration.
+            if unsafe { conf::init_request_id(cf, mcf) }.is_err() {
                 return NGX_CONF_ERROR;
             }
+            for lf in &mcf.logs {
+                // SAFETY: LogFiles live in the configuration pool.
+                let lf = unsafe { lf.as_ref() };
+                if !lf.still_ours() {
+                    let e = conf::ConfError::LogShared(lf.name());
+                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+                    return NGX_CONF_ERROR;
+                }
+            }
+            ptr::null_mut()
         }
-        ptr::null_mut()
     }
-}
 
-// SAFETY: our main conf is a MainConf, created by Module::create_main_conf.
-unsafe impl HttpModuleMainConf for Module {
-    type MainConf = MainConf;
-}
+    // SAFETY: our main conf is a MainConf, created by Module::create_main_conf.
+    unsafe impl HttpModuleMainConf for Module {
+        type MainConf = MainConf;
+    }
 
-// SAFETY: our location conf is a LocConf, created by Module::create_loc_conf.
-unsafe impl HttpModuleLocationConf for Module {
-    type LocationConf = LocConf;
-}
+    // SAFETY: our location conf is a LocConf, created by Module::create_loc_conf.
+    unsafe impl HttpModuleLocationConf for Module {
+        type LocationConf = LocConf;
+    }
 
-static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
+    static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
 
-/// Runs for every response header; attaches to WebSocket tunnels at the 101.
-unsafe extern "C" fn ngx_http_ws_header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: set once in postconfiguration, before any request.
-    let next = unsafe { NEXT_HEADER_FILTER };
-    let Some(next) = next else {
-        return NGX_ERROR as ngx_int_t;
+    /// Runs for every response header; attaches to WebSocket tunnels at the 101.
+    unsafe extern "C" fn ngx_http_ws_header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
+        // SAFETY: set once in postconfiguration, before any request.
+        let next = unsafe { NEXT_HEADER_FILTER };
+        let Some(next) = next else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        // SAFETY: nginx calls header filters with a live request.
+        let wanted = unsafe { tunnel::wants_tunnel(r) };
+        // SAFETY: as above.
+        let rc = unsafe { next(r) };
+        if wanted && rc != NGX_ERROR as ngx_int_t {
+            // SAFETY: the request is live and its 101 header has been passed on.
+            unsafe { tunnel::attach(r) };
+        }
+        rc
+    }
+
+    static NGX_HTTP_WS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+        preconfiguration: Some(Module::preconfiguration),
+        postconfiguration: Some(Module::postconfiguration),
+        create_main_conf: Some(Module::create_main_conf),
+        init_main_conf: Some(Module::init_main_conf),
+        create_srv_conf: None,
+        merge_srv_conf: None,
+        create_loc_conf: Some(Module::create_loc_conf),
+        merge_loc_conf: Some(Module::merge_loc_conf),
     };
-    // SAFETY: nginx calls header filters with a live request.
-    let wanted = unsafe { tunnel::wants_tunnel(r) };
-    // SAFETY: as above.
-    let rc = unsafe { next(r) };
-    if wanted && rc != NGX_ERROR as ngx_int_t {
-        // SAFETY: the request is live and its 101 header has been passed on.
-        unsafe { tunnel::attach(r) };
+
+    #[cfg(feature = "export-modules")]
+    ngx::ngx_modules!(ngx_http_ws_module);
+
+    #[used]
+    #[allow(non_upper_case_globals)]
+    #[cfg_attr(not(feature = "export-modules"), unsafe(no_mangle))]
+    pub static mut ngx_http_ws_module: ngx_module_t = ngx_module_t {
+        ctx: &raw const NGX_HTTP_WS_MODULE_CTX as _,
+        // SAFETY: taking the address of the static commands table, which nginx only reads.
+        commands: unsafe { &raw mut NGX_HTTP_WS_COMMANDS[0] },
+        type_: NGX_HTTP_MODULE as _,
+        ..ngx_module_t::default()
+    };
+
+    /// The module, as nginx numbered it at load time.
+    pub fn module() -> &'static ngx_module_t {
+        // SAFETY: nginx writes the indices while loading, before any use; afterwards it is read-only.
+        unsafe { &*ptr::addr_of!(ngx_http_ws_module) }
     }
-    rc
-}
 
-static NGX_HTTP_WS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: Some(Module::preconfiguration),
-    postconfiguration: Some(Module::postconfiguration),
-    create_main_conf: Some(Module::create_main_conf),
-    init_main_conf: Some(Module::init_main_conf),
-    create_srv_conf: None,
-    merge_srv_conf: None,
-    create_loc_conf: Some(Module::create_loc_conf),
-    merge_loc_conf: Some(Module::merge_loc_conf),
-};
+    /// Our location configuration for a request.
+    pub fn loc_conf(r: &ngx::http::Request) -> Option<&'static LocConf> {
+        Module::location_conf(r)
+    }
 
-#[cfg(feature = "export-modules")]
-ngx::ngx_modules!(ngx_http_ws_module);
-
-#[used]
-#[allow(non_upper_case_globals)]
-#[cfg_attr(not(feature = "export-modules"), unsafe(no_mangle))]
-pub static mut ngx_http_ws_module: ngx_module_t = ngx_module_t {
-    ctx: &raw const NGX_HTTP_WS_MODULE_CTX as _,
-    // SAFETY: taking the address of the static commands table, which nginx only reads.
-    commands: unsafe { &raw mut NGX_HTTP_WS_COMMANDS[0] },
-    type_: NGX_HTTP_MODULE as _,
-    ..ngx_module_t::default()
-};
-
-/// The module, as nginx numbered it at load time.
-pub fn module() -> &'static ngx_module_t {
-    // SAFETY: nginx writes the indices while loading, before any use; afterwards it is read-only.
-    unsafe { &*ptr::addr_of!(ngx_http_ws_module) }
-}
-
-/// Our location configuration for a request.
-pub fn loc_conf(r: &ngx::http::Request) -> Option<&'static LocConf> {
-    Module::location_conf(r)
-}
-
-/// Our http main configuration in the running cycle.
-///
-/// # Safety
-/// Must be called from nginx's thread, with `ngx_cycle` set.
-pub unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
-    // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
-    let cycle = unsafe { ngx_cycle.as_ref()? };
-    // SAFETY: the http main conf of this module is a MainConf.
-    unsafe {
-        Some(
-            cycle
-                .http_main_conf_unchecked::<MainConf>(module())?
-                .as_mut(),
-        )
+    /// Our http main configuration in the running cycle.
+    ///
+    /// # Safety
+    /// Must be called from nginx's thread, with `ngx_cycle` set.
+    pub unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
+        // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
+        let cycle = unsafe { ngx_cycle.as_ref()? };
+        // SAFETY: the http main conf of this module is a MainConf.
+        unsafe {
+            Some(
+                cycle
+                    .http_main_conf_unchecked::<MainConf>(module())?
+                    .as_mut(),
+            )
+        }
     }
 }

@@ -150,6 +150,18 @@ impl Parser {
         self.current().map(|h| h.len - self.done)
     }
 
+    /// Bytes that must pass before the current frame's end is known or reached: the rest of a
+    /// partly read header (a lower bound), or the rest of the payload. `None` at a boundary.
+    pub fn until_known(&self) -> Option<u64> {
+        match self.state {
+            State::Payload => self.remaining(),
+            State::Header if self.hdr_have > 0 => {
+                Some((header_len(&self.hdr[..self.hdr_have]) - self.hdr_have) as u64)
+            }
+            State::Header => None,
+        }
+    }
+
     /// Feeds `data` and calls `f` for every event, in stream order.
     pub fn feed<F: FnMut(Event<'_>)>(&mut self, mut data: &[u8], mut f: F) {
         while !data.is_empty() {

@@ -6,6 +6,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // Pure Rust, unit-tested by `cargo test`.
+pub mod flow;
 pub mod frame;
 pub mod observe;
 pub mod record;

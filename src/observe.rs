@@ -86,6 +86,11 @@ impl Direction {
         self.parser.at_boundary()
     }
 
+    /// See [`Parser::until_known`](crate::frame::Parser::until_known).
+    pub fn until_known(&self) -> Option<u64> {
+        self.parser.until_known()
+    }
+
     /// Feeds bytes that were written, calling `f` for each completed frame and message.
     pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, mut f: F) {
         let Direction {

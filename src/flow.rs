@@ -1,0 +1,702 @@
+//! One direction of a tunnel as the proxy shapes it: forwards the peer's bytes, injects its own
+//! frames (Close, Ping) only at frame boundaries, consumes Pongs that answer its own Pings, and
+//! swallows everything after it has sent Close.
+//!
+//! Pure Rust. [`Flow::send`] stands in for nginx's `send(c, buf, size)`: it is given the bytes
+//! nginx wants written and a [`Sink`] (the connection's original `send`), and says how many of
+//! nginx's bytes it consumed. Everything it writes on its own (injected frames, held bytes) lives
+//! in its own buffers, and a write that returned "again" is always retried first with the same
+//! bytes, as `SSL_write` requires.
+
+use crate::frame::{encode_header, unmask, FrameHeader, Opcode, MAX_HEADER_LEN};
+use crate::observe::{Capture, Direction, Observed};
+
+/// Result of one write to the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Done(usize),
+    Again,
+    Error,
+}
+
+/// Where bytes go: the connection's original `send`.
+pub trait Sink {
+    fn write(&mut self, data: &[u8]) -> Write;
+}
+
+/// What [`Flow::send`] tells nginx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// This many of nginx's bytes are dealt with (written, consumed or swallowed).
+    Consumed(usize),
+    Again,
+    Error,
+}
+
+/// Something the flow did, for records and counters.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A peer frame or message passed (or was consumed: see `PongConsumed`).
+    Peer(Observed<'a>),
+    /// A frame the proxy injected was completely written.
+    Proxy {
+        opcode: Opcode,
+        len: u64,
+        masked: bool,
+        code: Option<u16>,
+        reason: Option<&'static str>,
+    },
+    /// A Pong answering the proxy's Ping was consumed, not forwarded.
+    PongConsumed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Inject,
+    Held,
+    /// nginx's bytes; the retry must write at least this many.
+    Peer(usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Injected {
+    opcode: Opcode,
+    len: u64,
+    masked: bool,
+    code: Option<u16>,
+    reason: Option<&'static str>,
+}
+
+/// The proxy's shaping of one direction.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// The peer's frames, as they came in.
+    pub obs: Direction,
+    capture: Capture,
+    inject: Vec<u8>,
+    inject_off: usize,
+    injected: Vec<(usize, Injected)>,
+    held: Vec<u8>,
+    held_off: usize,
+    /// Held bytes are decided: they go out (true) after `inject`.
+    held_release: bool,
+    retry: Option<Src>,
+    /// A Close to inject at the next boundary.
+    close_request: Option<(u16, &'static str, Option<[u8; 4]>)>,
+    /// A Ping payload to inject at the next boundary.
+    ping_request: Option<(Vec<u8>, Option<[u8; 4]>)>,
+    /// The proxy queued its Close: all further input is swallowed.
+    pub closed: bool,
+    /// The proxy's Close is completely written.
+    pub close_written: bool,
+    /// A Pong with this payload answers the proxy's Ping: consume it.
+    pub watch_pong: Option<Vec<u8>>,
+}
+
+impl Flow {
+    pub fn new(capture: Capture) -> Flow {
+        Flow {
+            capture,
+            ..Flow::default()
+        }
+    }
+
+    /// Whether the proxy has bytes of its own waiting to be written.
+    pub fn has_pending(&self) -> bool {
+        self.inject_off < self.inject.len()
+            || (self.held_release && self.held_off < self.held.len())
+    }
+
+    /// Whether a write returned "again" and must be retried with the same bytes.
+    pub fn awaiting_retry(&self) -> bool {
+        self.retry.is_some()
+    }
+
+    /// Whether the proxy still waits for a frame boundary to inject something.
+    pub fn wants_boundary(&self) -> bool {
+        !self.closed
+            && (self.close_request.is_some()
+                || self.ping_request.is_some()
+                || self.watch_pong.is_some())
+    }
+
+    /// The input is between frames (nothing held, no frame half passed).
+    pub fn at_boundary(&self) -> bool {
+        self.obs.at_boundary() && self.held.is_empty()
+    }
+
+    /// Asks for a Close frame at the next frame boundary; afterwards nothing else is delivered.
+    pub fn request_close(&mut self, code: u16, reason: &'static str, mask: Option<[u8; 4]>) {
+        if !self.closed && self.close_request.is_none() {
+            self.close_request = Some((code, reason, mask));
+        }
+    }
+
+    /// Asks for a Ping frame at the next frame boundary.
+    pub fn request_ping(&mut self, payload: Vec<u8>, mask: Option<[u8; 4]>) {
+        if !self.closed {
+            self.ping_request = Some((payload, mask));
+        }
+    }
+
+    /// Deals with `buf`, nginx's bytes for this direction, writing through `sink`.
+    pub fn send<S: Sink, F: FnMut(Event<'_>)>(
+        &mut self,
+        buf: &[u8],
+        sink: &mut S,
+        on: &mut F,
+    ) -> Sent {
+        let mut consumed = 0;
+        let progress = |consumed: usize| {
+            if consumed > 0 {
+                Sent::Consumed(consumed)
+            } else {
+                Sent::Again
+            }
+        };
+        loop {
+            // A write that returned "again" goes first, with the same bytes.
+            if !matches!(self.retry, Some(Src::Peer(_))) {
+                match self.flush_own(sink, on) {
+                    Write::Done(_) => {}
+                    Write::Again => return progress(consumed),
+                    Write::Error => return Sent::Error,
+                }
+            }
+            let rest = &buf[consumed..];
+
+            if self.closed && !matches!(self.retry, Some(Src::Peer(_))) {
+                // Swallow: the proxy has closed this direction. Still watch for the peer's Close.
+                self.obs.feed(rest, self.capture, |o| on(Event::Peer(o)));
+                return Sent::Consumed(buf.len());
+            }
+
+            if !matches!(self.retry, Some(Src::Peer(_))) && self.at_boundary() {
+                if self.queue_injection() {
+                    continue;
+                }
+                if rest.is_empty() {
+                    return Sent::Consumed(consumed);
+                }
+                if let Some(expect) = self.watch_pong.as_deref() {
+                    match judge(rest, expect) {
+                        Judge::Forward => {}
+                        Judge::Consume(len) => {
+                            self.obs
+                                .feed(&rest[..len], self.capture, |o| on(Event::Peer(o)));
+                            on(Event::PongConsumed);
+                            self.watch_pong = None;
+                            consumed += len;
+                            continue;
+                        }
+                        Judge::NeedMore(_) => {
+                            // Hold the start of the frame until we know whether it is our Pong.
+                            let n = self.hold(rest, on);
+                            consumed += n;
+                            continue;
+                        }
+                    }
+                }
+            }
+            if !self.held.is_empty() && !self.held_release {
+                // Still deciding about a held frame start: take more input.
+                if rest.is_empty() {
+                    return Sent::Consumed(consumed);
+                }
+                let n = self.hold(rest, on);
+                consumed += n;
+                continue;
+            }
+            if rest.is_empty() {
+                return Sent::Consumed(consumed);
+            }
+
+            // Forward the peer's bytes, stopping at the frame end when an injection waits, but
+            // never retrying with fewer bytes than the write that returned "again".
+            let mut limit = rest.len();
+            if self.wants_boundary() {
+                if let Some(left) = self.obs.until_known() {
+                    limit = limit.min(usize::try_from(left).unwrap_or(usize::MAX));
+                }
+            }
+            if let Some(Src::Peer(min)) = self.retry {
+                limit = limit.max(min).min(rest.len());
+            }
+            match sink.write(&rest[..limit]) {
+                Write::Done(n) => {
+                    self.retry = None;
+                    let n = n.min(limit);
+                    self.obs
+                        .feed(&rest[..n], self.capture, |o| on(Event::Peer(o)));
+                    consumed += n;
+                    if n < limit {
+                        return Sent::Consumed(consumed);
+                    }
+                }
+                Write::Again => {
+                    self.retry = Some(Src::Peer(limit));
+                    return progress(consumed);
+                }
+                Write::Error => return Sent::Error,
+            }
+        }
+    }
+
+    /// Writes what the proxy itself has pending: injected frames, then released held bytes.
+    pub fn flush_own<S: Sink, F: FnMut(Event<'_>)>(&mut self, sink: &mut S, on: &mut F) -> Write {
+        let mut total = 0;
+        while self.inject_off < self.inject.len() {
+            match sink.write(&self.inject[self.inject_off..]) {
+                Write::Done(n) => {
+                    self.retry = None;
+                    self.inject_off += n;
+                    total += n;
+                    self.report_injected(on);
+                }
+                Write::Again => {
+                    self.retry = Some(Src::Inject);
+                    return Write::Again;
+                }
+                Write::Error => return Write::Error,
+            }
+        }
+        if self.inject_off == self.inject.len() && !self.inject.is_empty() {
+            self.inject.clear();
+            self.inject_off = 0;
+        }
+        while self.held_release && self.held_off < self.held.len() {
+            match sink.write(&self.held[self.held_off..]) {
+                Write::Done(n) => {
+                    self.retry = None;
+                    let start = self.held_off;
+                    self.held_off += n;
+                    total += n;
+                    let capture = self.capture;
+                    let (obs, held) = (&mut self.obs, &self.held);
+                    obs.feed(&held[start..start + n], capture, |o| on(Event::Peer(o)));
+                }
+                Write::Again => {
+                    self.retry = Some(Src::Held);
+                    return Write::Again;
+                }
+                Write::Error => return Write::Error,
+            }
+        }
+        if self.held_release && self.held_off == self.held.len() {
+            self.held.clear();
+            self.held_off = 0;
+            self.held_release = false;
+        }
+        Write::Done(total)
+    }
+
+    fn report_injected<F: FnMut(Event<'_>)>(&mut self, on: &mut F) {
+        while let Some(&(end, f)) = self.injected.first() {
+            if self.inject_off < end {
+                break;
+            }
+            self.injected.remove(0);
+            if f.opcode == Opcode::Close {
+                self.close_written = true;
+            }
+            on(Event::Proxy {
+                opcode: f.opcode,
+                len: f.len,
+                masked: f.masked,
+                code: f.code,
+                reason: f.reason,
+            });
+        }
+    }
+
+    /// At a boundary: queues a requested Close (first) or Ping. Returns whether it did.
+    fn queue_injection(&mut self) -> bool {
+        if let Some((code, reason, mask)) = self.close_request.take() {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason.as_bytes());
+            self.push_frame(Opcode::Close, &payload, mask, Some(code), Some(reason));
+            self.closed = true;
+            self.ping_request = None;
+            return true;
+        }
+        if let Some((payload, mask)) = self.ping_request.take() {
+            self.push_frame(Opcode::Ping, &payload, mask, None, None);
+            return true;
+        }
+        false
+    }
+
+    fn push_frame(
+        &mut self,
+        opcode: Opcode,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+        code: Option<u16>,
+        reason: Option<&'static str>,
+    ) {
+        let h = FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            len: payload.len() as u64,
+            header_len: 0,
+        };
+        let (hdr, n) = encode_header(&h);
+        self.inject.extend_from_slice(&hdr[..n]);
+        let start = self.inject.len();
+        self.inject.extend_from_slice(payload);
+        if let Some(m) = mask {
+            unmask(&mut self.inject[start..], m, 0);
+        }
+        self.injected.push((
+            self.inject.len(),
+            Injected {
+                opcode,
+                len: payload.len() as u64,
+                masked: mask.is_some(),
+                code,
+                reason,
+            },
+        ));
+    }
+
+    /// Takes input into the hold buffer until the frame can be judged; returns bytes taken.
+    fn hold<F: FnMut(Event<'_>)>(&mut self, rest: &[u8], on: &mut F) -> usize {
+        let Some(expect) = self.watch_pong.clone() else {
+            self.held_release = true;
+            return 0;
+        };
+        // How much of this frame we need: the header, then (for a candidate Pong) its payload.
+        let mut take = 0;
+        loop {
+            let have = &self.held;
+            let need = match judge(have, &expect) {
+                Judge::NeedMore(n) => n,
+                Judge::Forward => {
+                    self.held_release = true;
+                    return take;
+                }
+                Judge::Consume(len) => {
+                    // Feed the Pong to the observer (it was received) and drop it.
+                    let frame: Vec<u8> = self.held.drain(..len).collect();
+                    self.obs.feed(&frame, self.capture, |o| on(Event::Peer(o)));
+                    on(Event::PongConsumed);
+                    self.watch_pong = None;
+                    if !self.held.is_empty() {
+                        self.held_release = true;
+                    }
+                    return take;
+                }
+            };
+            let want = need.saturating_sub(self.held.len());
+            let n = want.min(rest.len() - take);
+            if n == 0 {
+                return take;
+            }
+            self.held.extend_from_slice(&rest[take..take + n]);
+            take += n;
+        }
+    }
+}
+
+enum Judge {
+    /// Need at least this many bytes of the frame.
+    NeedMore(usize),
+    Forward,
+    /// The frame (this many bytes) is the awaited Pong.
+    Consume(usize),
+}
+
+/// Decides whether the frame starting in `have` is a Pong carrying `expect`.
+fn judge(have: &[u8], expect: &[u8]) -> Judge {
+    if have.is_empty() {
+        return Judge::NeedMore(1);
+    }
+    if Opcode::from_u8(have[0]) != Opcode::Pong || have[0] & 0x80 == 0 {
+        return Judge::Forward;
+    }
+    if have.len() < 2 {
+        return Judge::NeedMore(2);
+    }
+    let len7 = usize::from(have[1] & 0x7f);
+    let masked = have[1] & 0x80 != 0;
+    if len7 != expect.len() || len7 > 125 {
+        return Judge::Forward;
+    }
+    let hlen = 2 + if masked { 4 } else { 0 };
+    let total = hlen + len7;
+    debug_assert!(total <= MAX_HEADER_LEN + 125);
+    if have.len() < total {
+        return Judge::NeedMore(total);
+    }
+    let mut p = have[hlen..total].to_vec();
+    if masked {
+        unmask(&mut p, [have[2], have[3], have[4], have[5]], 0);
+    }
+    if p == expect {
+        Judge::Consume(total)
+    } else {
+        Judge::Forward
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::tests::build_frame;
+    use crate::frame::{Event as FrameEvent, Parser};
+    use proptest::prelude::*;
+
+    /// A connection that accepts at most `caps[i]` bytes on the i-th write (0 = again).
+    struct Conn {
+        out: Vec<u8>,
+        caps: Vec<usize>,
+        i: usize,
+        last_again: Option<(usize, usize)>,
+    }
+
+    impl Conn {
+        fn new(caps: Vec<usize>) -> Conn {
+            Conn {
+                out: Vec::new(),
+                caps,
+                i: 0,
+                last_again: None,
+            }
+        }
+    }
+
+    impl Sink for Conn {
+        fn write(&mut self, data: &[u8]) -> Write {
+            // SSL_write's rule: a retry after "again" has the same start and no fewer bytes.
+            if let Some((ptr, len)) = self.last_again.take() {
+                assert_eq!(ptr, data.as_ptr() as usize, "retry with other bytes");
+                assert!(data.len() >= len, "retry shorter than before");
+            }
+            let cap = if self.caps.is_empty() {
+                usize::MAX
+            } else {
+                self.caps[self.i % self.caps.len()]
+            };
+            self.i += 1;
+            if cap == 0 {
+                self.last_again = Some((data.as_ptr() as usize, data.len()));
+                return Write::Again;
+            }
+            let n = cap.min(data.len());
+            self.out.extend_from_slice(&data[..n]);
+            Write::Done(n)
+        }
+    }
+
+    /// Drives `flow` like nginx: a buffer filled from `input` in `reads`-sized pieces, sent with
+    /// the consumed prefix removed; `at(k)` lets a test act after k input bytes were read.
+    fn drive(
+        flow: &mut Flow,
+        conn: &mut Conn,
+        input: &[u8],
+        reads: &[usize],
+        mut at: impl FnMut(usize, &mut Flow),
+    ) -> Vec<String> {
+        let mut events = Vec::new();
+        // Like nginx's buffer: fixed memory, a position that advances.
+        let mut buf: Vec<u8> = Vec::with_capacity(input.len());
+        let mut pos = 0;
+        let mut read = 0;
+        let mut r = 0;
+        let mut spins = 0;
+        while read < input.len() || pos < buf.len() || flow.has_pending() {
+            if read < input.len() {
+                let n = reads
+                    .get(r % reads.len().max(1))
+                    .copied()
+                    .unwrap_or(7)
+                    .max(1);
+                r += 1;
+                let n = n.min(input.len() - read);
+                buf.extend_from_slice(&input[read..read + n]);
+                read += n;
+                at(read, flow);
+            }
+            match flow.send(&buf[pos..], conn, &mut |e| events.push(describe(&e))) {
+                Sent::Consumed(n) => pos += n,
+                Sent::Again => {}
+                Sent::Error => panic!("error"),
+            }
+            spins += 1;
+            assert!(spins < 1_000_000, "no progress");
+        }
+        events
+    }
+
+    fn describe(e: &Event<'_>) -> String {
+        match e {
+            Event::Peer(Observed::Frame(f)) => {
+                format!("peer {:?} {}", f.header.opcode, f.header.len)
+            }
+            Event::Peer(Observed::Message(m)) => format!("message {}", m.len),
+            Event::Proxy { opcode, code, .. } => format!("proxy {opcode:?} {code:?}"),
+            Event::PongConsumed => "pong consumed".into(),
+        }
+    }
+
+    fn frames_of(stream: &[u8]) -> Vec<(Opcode, Vec<u8>, bool)> {
+        let mut p = Parser::new();
+        let mut out = Vec::new();
+        let mut cur: Option<(FrameHeader, Vec<u8>)> = None;
+        p.feed(stream, |ev| match ev {
+            FrameEvent::Header(h) => cur = Some((h, Vec::new())),
+            FrameEvent::Payload { offset, data } => {
+                let (h, b) = cur.as_mut().unwrap();
+                let mut d = data.to_vec();
+                if let Some(m) = h.mask {
+                    unmask(&mut d, m, offset);
+                }
+                b.extend(d);
+            }
+            FrameEvent::End => {
+                let (h, b) = cur.take().unwrap();
+                out.push((h.opcode, b, h.mask.is_some()));
+            }
+        });
+        assert!(p.at_boundary(), "output ends mid-frame");
+        out
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = build_frame(true, Opcode::Text, Some([1, 2, 3, 4]), &[b'a'; 300], false);
+        s.extend(build_frame(
+            true,
+            Opcode::Binary,
+            Some([5, 6, 7, 8]),
+            &[7u8; 1000],
+            false,
+        ));
+        s.extend(build_frame(
+            true,
+            Opcode::Text,
+            Some([9, 9, 9, 9]),
+            b"last",
+            false,
+        ));
+        s
+    }
+
+    #[test]
+    fn passes_bytes_unchanged() {
+        let s = stream();
+        let mut f = Flow::new(Capture::default());
+        let mut c = Conn::new(vec![5, 0, 100, 1]);
+        let ev = drive(&mut f, &mut c, &s, &[3, 50, 1], |_, _| {});
+        assert_eq!(c.out, s);
+        assert_eq!(ev.iter().filter(|e| e.starts_with("peer")).count(), 3);
+    }
+
+    #[test]
+    fn close_waits_for_the_frame_end_then_swallows() {
+        let s = stream();
+        let mut f = Flow::new(Capture::default());
+        let mut c = Conn::new(vec![64, 0]);
+        // Ask for the close while the 1000-byte frame is half read.
+        let ev = drive(&mut f, &mut c, &s, &[100], |read, f| {
+            if read == 900 {
+                f.request_close(1001, "idle timeout", Some([1, 1, 1, 1]));
+            }
+        });
+        let out = frames_of(&c.out);
+        assert_eq!(out.len(), 3, "text, binary, close; then nothing: {out:?}");
+        assert_eq!(out[1].0, Opcode::Binary);
+        assert_eq!(out[2].0, Opcode::Close);
+        assert_eq!(&out[2].1[..2], &1001u16.to_be_bytes());
+        assert_eq!(&out[2].1[2..], b"idle timeout");
+        assert!(out[2].2, "masked");
+        assert!(f.close_written && f.closed);
+        assert!(ev.contains(&"proxy Close Some(1001)".to_string()));
+        // The swallowed last frame is still observed.
+        assert!(ev.contains(&"peer Text 4".to_string()));
+    }
+
+    #[test]
+    fn ping_is_injected_between_frames() {
+        let s = stream();
+        let mut f = Flow::new(Capture::default());
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &s, &[10], |read, f| {
+            if read == 20 {
+                f.request_ping(b"ngx-ws-1".to_vec(), None);
+            }
+        });
+        let out = frames_of(&c.out);
+        let ops: Vec<Opcode> = out.iter().map(|o| o.0).collect();
+        assert_eq!(
+            ops,
+            [Opcode::Text, Opcode::Ping, Opcode::Binary, Opcode::Text]
+        );
+        assert_eq!(out[1].1, b"ngx-ws-1");
+    }
+
+    #[test]
+    fn own_pong_is_consumed_other_pongs_pass() {
+        let mut s = build_frame(true, Opcode::Pong, Some([3, 3, 3, 3]), b"other", false);
+        s.extend(build_frame(
+            true,
+            Opcode::Pong,
+            Some([4, 4, 4, 4]),
+            b"ngx-ws-7",
+            false,
+        ));
+        s.extend(build_frame(
+            true,
+            Opcode::Text,
+            Some([5, 5, 5, 5]),
+            b"after",
+            false,
+        ));
+        for reads in [vec![1], vec![3], vec![100]] {
+            let mut f = Flow::new(Capture::default());
+            f.watch_pong = Some(b"ngx-ws-7".to_vec());
+            let mut c = Conn::new(vec![2, 0, 50]);
+            let ev = drive(&mut f, &mut c, &s, &reads, |_, _| {});
+            let out = frames_of(&c.out);
+            assert_eq!(out.len(), 2, "{reads:?}: {out:?}");
+            assert_eq!(out[0].1, b"other");
+            assert_eq!(out[1].1, b"after");
+            assert!(ev.contains(&"pong consumed".to_string()));
+            assert!(f.watch_pong.is_none());
+            assert_eq!(f.obs.frames, 3);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Any read split, any partial-write pattern, an injection at any moment: the output is
+        /// whole frames, the peer's frames before the Close are exactly the input's, in order.
+        #[test]
+        fn shaping_is_split_independent(
+            reads in proptest::collection::vec(1usize..400, 1..6),
+            caps in proptest::collection::vec(0usize..300, 1..6),
+            close_at in 0usize..2000,
+            ping_at in 0usize..2000,
+        ) {
+            let s = stream();
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
+            let mut f = Flow::new(Capture::default());
+            let mut c = Conn::new(caps);
+            drive(&mut f, &mut c, &s, &reads, |read, f| {
+                if read >= ping_at && read < ping_at + 400 { f.request_ping(b"p".to_vec(), None); }
+                if read >= close_at { f.request_close(1001, "x", None); }
+            });
+            let out = frames_of(&c.out);
+            let input = frames_of(&s);
+            let peer: Vec<_> = out.iter().filter(|o| o.0 != Opcode::Ping && o.0 != Opcode::Close).cloned().collect();
+            prop_assert_eq!(&peer[..], &input[..peer.len()]);
+            if close_at < s.len() {
+                prop_assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close));
+            }
+        }
+    }
+}

@@ -84,6 +84,10 @@ pub struct MainConf {
     pub request_id_index: ngx_int_t,
     /// Every `ws_log` file of this configuration, for the flush callback and checks.
     pub logs: Vec<NonNull<LogFile>>,
+    /// Some scope has `ws_drain`: workers watch for their graceful shutdown.
+    pub drain_used: bool,
+    /// This worker's tunnels that drain on shutdown, and the shutdown watcher.
+    pub drain: crate::tunnel::DrainList,
 }
 
 impl Default for MainConf {
@@ -91,9 +95,14 @@ impl Default for MainConf {
         MainConf {
             request_id_index: NGX_ERROR as ngx_int_t,
             logs: Vec::new(),
+            drain_used: false,
+            drain: crate::tunnel::DrainList::default(),
         }
     }
 }
+
+/// A time directive's value: unset, `off` (0) or milliseconds.
+pub const MSEC_UNSET: ngx_msec_t = ngx_msec_t::MAX;
 
 #[derive(Debug)]
 pub struct LocConf {
@@ -101,6 +110,13 @@ pub struct LocConf {
     /// Bit set of [`events`]; `u32::MAX` while unset.
     pub events: u32,
     pub payload: usize,
+    /// Times in milliseconds; 0 is off.
+    pub idle_timeout: ngx_msec_t,
+    pub max_lifetime: ngx_msec_t,
+    pub ping_interval: ngx_msec_t,
+    pub pong_timeout: ngx_msec_t,
+    pub close_timeout: ngx_msec_t,
+    pub drain: ngx_msec_t,
 }
 
 impl Default for LocConf {
@@ -109,7 +125,19 @@ impl Default for LocConf {
             log: LogTarget::Unset,
             events: u32::MAX,
             payload: NGX_CONF_UNSET_SIZE,
+            idle_timeout: MSEC_UNSET,
+            max_lifetime: MSEC_UNSET,
+            ping_interval: MSEC_UNSET,
+            pong_timeout: MSEC_UNSET,
+            close_timeout: MSEC_UNSET,
+            drain: MSEC_UNSET,
         }
+    }
+}
+
+fn merge_msec(v: &mut ngx_msec_t, prev: ngx_msec_t, default: ngx_msec_t) {
+    if *v == MSEC_UNSET {
+        *v = if prev == MSEC_UNSET { default } else { prev };
     }
 }
 
@@ -125,6 +153,10 @@ impl LocConf {
     /// Whether any directive that observes or acts on tunnels applies here.
     pub fn tracks_tunnels(&self) -> bool {
         self.log_file().is_some()
+            || self.idle_timeout > 0
+            || self.max_lifetime > 0
+            || self.ping_interval > 0
+            || self.drain > 0
     }
 }
 
@@ -144,6 +176,12 @@ impl Merge for LocConf {
                 prev.events
             };
         }
+        merge_msec(&mut self.idle_timeout, prev.idle_timeout, 0);
+        merge_msec(&mut self.max_lifetime, prev.max_lifetime, 0);
+        merge_msec(&mut self.ping_interval, prev.ping_interval, 0);
+        merge_msec(&mut self.pong_timeout, prev.pong_timeout, 10_000);
+        merge_msec(&mut self.close_timeout, prev.close_timeout, 5_000);
+        merge_msec(&mut self.drain, prev.drain, 0);
         if self.payload == NGX_CONF_UNSET_SIZE {
             self.payload = if prev.payload == NGX_CONF_UNSET_SIZE {
                 0
@@ -363,6 +401,60 @@ extern "C" fn ngx_http_ws_set_log_payload(
     finish(cf, r)
 }
 
+/// Which time field a time directive sets.
+fn time_field<'a>(
+    lcf: &'a mut LocConf,
+    name: &[u8],
+) -> Option<(&'static str, &'a mut ngx_msec_t, bool)> {
+    // (directive, field, accepts "off")
+    Some(match name {
+        b"ws_idle_timeout" => ("ws_idle_timeout", &mut lcf.idle_timeout, true),
+        b"ws_max_lifetime" => ("ws_max_lifetime", &mut lcf.max_lifetime, true),
+        b"ws_ping_interval" => ("ws_ping_interval", &mut lcf.ping_interval, true),
+        b"ws_pong_timeout" => ("ws_pong_timeout", &mut lcf.pong_timeout, false),
+        b"ws_close_timeout" => ("ws_close_timeout", &mut lcf.close_timeout, false),
+        b"ws_drain" => ("ws_drain", &mut lcf.drain, true),
+        _ => return None,
+    })
+}
+
+extern "C" fn ngx_http_ws_set_time(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    // SAFETY: called by nginx while parsing this directive.
+    let a = unsafe { args(cf) };
+    let mut drain = false;
+    let r = (|| {
+        let (directive, field, off_ok) =
+            time_field(lcf, a[0].as_bytes()).ok_or(ConfError::NoMemory)?;
+        if *field != MSEC_UNSET {
+            return Err(ConfError::Duplicate(directive));
+        }
+        let invalid = || ConfError::InvalidValue {
+            directive,
+            value: text(&a[1]),
+        };
+        *field = if off_ok && a[1].as_bytes() == b"off" {
+            0
+        } else {
+            parse_msec(&a[1]).filter(|&v| v > 0).ok_or_else(invalid)?
+        };
+        drain = directive == "ws_drain" && *field > 0;
+        Ok(())
+    })();
+    if drain {
+        // SAFETY: inside http{} while parsing.
+        if let Some(mcf) = unsafe { main_conf(cf) } {
+            mcf.drain_used = true;
+        }
+    }
+    finish(cf, r)
+}
+
 /// The http main configuration while http{} is being parsed.
 ///
 /// # Safety
@@ -394,7 +486,7 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 4] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 10] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -415,6 +507,54 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 4] = [
         name: ngx_string!("ws_log_payload"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_log_payload),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_idle_timeout"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_max_lifetime"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_ping_interval"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_pong_timeout"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_close_timeout"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_drain"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_time),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

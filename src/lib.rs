@@ -32,7 +32,7 @@ mod glue {
 
     use ngx::core::{Status, NGX_CONF_ERROR};
     use ngx::ffi::{
-        ngx_conf_t, ngx_cycle, ngx_http_module_t, ngx_http_output_header_filter_pt,
+        ngx_conf_t, ngx_cycle, ngx_cycle_t, ngx_http_module_t, ngx_http_output_header_filter_pt,
         ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR,
         NGX_HTTP_MODULE, NGX_LOG_EMERG,
     };
@@ -125,6 +125,16 @@ mod glue {
         merge_loc_conf: Some(Module::merge_loc_conf),
     };
 
+    /// Per-worker start: the drain watcher, when some scope uses `ws_drain`.
+    unsafe extern "C" fn ngx_http_ws_init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+        // SAFETY: nginx calls init_process with the worker's cycle.
+        if let Some(mcf) = unsafe { cycle_main_conf() } {
+            // SAFETY: once per worker, with the cycle's log.
+            unsafe { tunnel::start_drain_watch(mcf, (*cycle).log) };
+        }
+        Status::NGX_OK.into()
+    }
+
     #[cfg(feature = "export-modules")]
     ngx::ngx_modules!(ngx_http_ws_module);
 
@@ -136,6 +146,7 @@ mod glue {
         // SAFETY: taking the address of the static commands table, which nginx only reads.
         commands: unsafe { &raw mut NGX_HTTP_WS_COMMANDS[0] },
         type_: NGX_HTTP_MODULE as _,
+        init_process: Some(ngx_http_ws_init_process),
         ..ngx_module_t::default()
     };
 

@@ -86,6 +86,11 @@ impl Direction {
         self.parser.at_boundary()
     }
 
+    /// Whether a data frame's payload is passing right now.
+    pub fn in_data_frame(&self) -> bool {
+        self.parser.current().is_some_and(|h| h.opcode.is_data())
+    }
+
     /// See [`Parser::until_known`](crate::frame::Parser::until_known).
     pub fn until_known(&self) -> Option<u64> {
         self.parser.until_known()

@@ -1,5 +1,6 @@
-//! Per-tunnel state and the nginx glue around it: the `send` wrappers that observe the bytes
-//! really written in each direction, the records they produce, and the teardown hook.
+//! Per-tunnel state and the nginx glue around it: the `send` wrappers that shape and observe the
+//! bytes really written in each direction, the records they produce, the frame-aware timers,
+//! and teardown.
 //!
 //! The state lives in the request pool and is the request's module context. The original
 //! `send` pointers and upstream finalizer are kept here, never in globals: connections are
@@ -11,15 +12,18 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use ngx::core::Pool;
 use ngx::ffi::{
-    ngx_connection_t, ngx_current_msec, ngx_http_get_indexed_variable, ngx_http_request_t,
-    ngx_int_t, ngx_msec_t, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t, NGX_ERROR,
-    NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
-    NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20,
+    ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
+    ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_get_indexed_variable,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_post_event,
+    ngx_posted_events, ngx_random, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t,
+    NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT,
+    NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
 };
 use ngx::http::Request;
-use ngx::ngx_log_debug_http;
+use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
+use crate::flow::{Event, Flow, Sent, Sink, Write};
 use crate::frame::Opcode;
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
@@ -31,6 +35,11 @@ use crate::record::{
 type SendFn = unsafe extern "C" fn(*mut ngx_connection_t, *mut u8, usize) -> isize;
 type FinalizeFn = Option<unsafe extern "C" fn(*mut ngx_http_request_t, ngx_int_t)>;
 
+/// While the proxy waits for a blocked peer to take its Close, it retries this often.
+const RETRY_MSEC: ngx_msec_t = 100;
+/// Payload prefix of the proxy's own Pings.
+const PING_PREFIX: &str = "ngx-ws-ping-";
+
 /// How a finished tunnel ended.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
@@ -39,26 +48,128 @@ pub struct Outcome {
     pub duration_ms: u64,
 }
 
+/// The proxy is closing the tunnel.
+#[derive(Debug, Clone, Copy)]
+struct Closing {
+    since: ngx_msec_t,
+    end: End,
+    code: u16,
+    reason: &'static str,
+}
+
+/// The time directives in force for a tunnel (milliseconds, 0 = off).
+#[derive(Debug, Clone, Copy, Default)]
+struct Timers {
+    idle: ngx_msec_t,
+    lifetime: ngx_msec_t,
+    ping: ngx_msec_t,
+    pong: ngx_msec_t,
+    close: ngx_msec_t,
+    drain: ngx_msec_t,
+}
+
+/// Where records go and what they carry in common.
+struct Recorder {
+    log: Option<NonNull<LogFile>>,
+    events: u32,
+    conn: u64,
+    request_id: Option<String>,
+    /// `ws_log_payload`.
+    payload: usize,
+}
+
 /// One tracked WebSocket tunnel.
 pub struct Tunnel {
+    r: *mut ngx_http_request_t,
     client_conn: *mut ngx_connection_t,
     upstream_conn: *mut ngx_connection_t,
     client_send: ngx_send_pt,
     upstream_send: ngx_send_pt,
     finalize: FinalizeFn,
-    /// Frames the client sent (observed on the upstream connection's `send`).
-    pub client: Direction,
-    /// Frames the upstream sent (observed on the client connection's `send`).
-    pub upstream: Direction,
-    log: Option<NonNull<LogFile>>,
-    events: u32,
-    capture: Capture,
-    conn: u64,
-    request_id: Option<String>,
+    /// Client -> upstream: the client's frames, the proxy's frames to the upstream.
+    pub to_upstream: Flow,
+    /// Upstream -> client: the upstream's frames, the proxy's frames to the client.
+    pub to_client: Flow,
+    rec: Recorder,
     start: ngx_msec_t,
     first_close: Option<From>,
     pub subprotocol: Option<String>,
     pub outcome: Option<Outcome>,
+    timers: Timers,
+    last_data: ngx_msec_t,
+    last_client_rx: ngx_msec_t,
+    ping_sent: Option<ngx_msec_t>,
+    ping_seq: u32,
+    closing: Option<Closing>,
+    drain_at: Option<ngx_msec_t>,
+    drain_index: Option<usize>,
+    tick: ngx_event_t,
+    ending: bool,
+}
+
+/// This worker's tunnels that drain at shutdown, and the timer that watches for it.
+pub struct DrainList {
+    tunnels: Vec<NonNull<Tunnel>>,
+    watcher: ngx_event_t,
+    started: bool,
+}
+
+impl Default for DrainList {
+    fn default() -> Self {
+        DrainList {
+            tunnels: Vec::new(),
+            // SAFETY: ngx_event_t is a plain C struct; all-zero is its initial state.
+            watcher: unsafe { core::mem::zeroed() },
+            started: false,
+        }
+    }
+}
+
+impl core::fmt::Debug for DrainList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DrainList")
+            .field("tunnels", &self.tunnels.len())
+            .finish()
+    }
+}
+
+/// How often a worker checks whether its graceful shutdown has begun (only with `ws_drain`).
+const DRAIN_WATCH_MSEC: ngx_msec_t = 200;
+
+/// Starts the shutdown watcher in a worker (init_process), when some scope uses `ws_drain`.
+///
+/// # Safety
+/// Called once per worker from nginx's init_process with the cycle's main conf.
+pub unsafe fn start_drain_watch(mcf: &mut crate::conf::MainConf, log: *mut ngx::ffi::ngx_log_t) {
+    if !mcf.drain_used {
+        return;
+    }
+    let data = ptr::addr_of_mut!(mcf.drain).cast();
+    let w = &mut mcf.drain.watcher;
+    w.handler = Some(drain_watch_handler);
+    w.data = data;
+    w.log = log;
+    w.set_cancelable(1);
+    // SAFETY: the watcher lives in the cycle's configuration memory for the worker's life.
+    unsafe { ngx_add_timer(w, DRAIN_WATCH_MSEC) };
+}
+
+unsafe extern "C" fn drain_watch_handler(ev: *mut ngx_event_t) {
+    // SAFETY: data was set to the DrainList in start_drain_watch.
+    let list = unsafe { &mut *(*ev).data.cast::<DrainList>() };
+    // SAFETY: nginx's flag, read in its own thread.
+    if unsafe { ngx_exiting } == 0 {
+        // SAFETY: re-arming the watcher event.
+        unsafe { ngx_add_timer(ev, DRAIN_WATCH_MSEC) };
+        return;
+    }
+    list.started = true;
+    let now = now_msec();
+    for t in list.tunnels.clone() {
+        // SAFETY: tunnels remove themselves from the list when they end.
+        let t = unsafe { &mut *t.as_ptr() };
+        t.schedule_drain(now);
+    }
 }
 
 /// Quick test, before the header goes on: could this response become a tracked tunnel?
@@ -101,7 +212,6 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     let Some(lcf) = crate::loc_conf(request) else {
         return;
     };
-    let log = lcf.log_file();
     // SAFETY: a request in the http module always has our main conf.
     let mcf = unsafe { crate::cycle_main_conf() };
 
@@ -111,7 +221,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         payload: lcf.payload,
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
     };
-    let request_id = mcf.and_then(|m| {
+    let request_id = mcf.as_ref().and_then(|m| {
         // SAFETY: the index was obtained at configuration time for this cycle.
         let v = unsafe { ngx_http_get_indexed_variable(r, m.request_id_index as _) };
         // SAFETY: nginx returns null or a valid value in the request pool.
@@ -127,37 +237,61 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     let client_conn = req.connection;
     let upstream_conn = u.peer.connection;
     // SAFETY: both connections are live for the request's lifetime.
-    let (conn, client_send, upstream_send) = unsafe {
+    let (conn, client_send, upstream_send, log) = unsafe {
         (
             (*client_conn).number as _,
             (*client_conn).send,
             (*upstream_conn).send,
+            (*client_conn).log,
         )
+    };
+    let now = now_msec();
+    let timers = Timers {
+        idle: lcf.idle_timeout,
+        lifetime: lcf.max_lifetime,
+        ping: lcf.ping_interval,
+        pong: lcf.pong_timeout,
+        close: lcf.close_timeout,
+        drain: lcf.drain,
     };
 
     let tunnel = Tunnel {
+        r,
         client_conn,
         upstream_conn,
         client_send,
         upstream_send,
         finalize: u.finalize_request,
-        client: Direction::new(),
-        upstream: Direction::new(),
-        log,
-        events: lcf.events,
-        capture,
-        conn,
-        request_id,
-        start: ngx_current_msec_now(),
+        to_upstream: Flow::new(capture),
+        to_client: Flow::new(capture),
+        rec: Recorder {
+            log: lcf.log_file(),
+            events: lcf.events,
+            conn,
+            request_id,
+            payload: lcf.payload,
+        },
+        start: now,
         first_close: None,
         subprotocol: subprotocol.clone(),
         outcome: None,
+        timers,
+        last_data: now,
+        last_client_rx: now,
+        ping_sent: None,
+        ping_seq: 0,
+        closing: None,
+        drain_at: None,
+        drain_index: None,
+        // SAFETY: ngx_event_t is a plain C struct; all-zero is its initial state.
+        tick: unsafe { core::mem::zeroed() },
+        ending: false,
     };
     let pool: Pool = request.pool();
     let t = pool.allocate(tunnel);
-    if t.is_null() {
+    let Some(tp) = NonNull::new(t) else {
         return;
-    }
+    };
     request.set_module_ctx(t.cast(), crate::module());
 
     // SAFETY: the connections and upstream are live; the originals are kept in the tunnel,
@@ -169,9 +303,24 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     }
     ngx_log_debug_http!(request, "ws: tracking tunnel");
 
-    // SAFETY: just allocated, owned by the request pool.
+    // SAFETY: just allocated, owned by the request pool, at its final address.
     let t = unsafe { &mut *t };
-    if t.events & events::OPEN != 0 {
+    t.tick.handler = Some(ngx_http_ws_tick);
+    t.tick.data = t as *mut Tunnel as *mut _;
+    t.tick.log = log;
+    t.tick.set_cancelable(1);
+    if t.timers.drain > 0 {
+        if let Some(m) = mcf {
+            t.drain_index = Some(m.drain.tunnels.len());
+            m.drain.tunnels.push(tp);
+            if m.drain.started {
+                t.schedule_drain(now);
+            }
+        }
+    }
+    t.arm(now);
+
+    if t.rec.events & events::OPEN != 0 {
         let uri = String::from_utf8_lossy(req.uri.as_bytes()).into_owned();
         let host = non_empty(&req.headers_in.server);
         // SAFETY: the connection's address fields are set for accepted connections.
@@ -190,8 +339,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         let rec = OpenRecord {
             time: &time,
             event: "open",
-            conn: t.conn,
-            request_id: t.request_id.as_deref(),
+            conn: t.rec.conn,
+            request_id: t.rec.request_id.as_deref(),
             uri: &uri,
             host: host.as_deref(),
             client: client.as_deref(),
@@ -201,14 +350,11 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             subprotocol: subprotocol.as_deref(),
             extensions: extensions.as_deref(),
         };
-        if let Some(mut lf) = t.log {
-            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            unsafe { lf.as_mut() }.write(&rec);
-        }
+        t.rec.write(&rec);
     }
 }
 
-fn ngx_current_msec_now() -> ngx_msec_t {
+fn now_msec() -> ngx_msec_t {
     // SAFETY: nginx's cached clock, updated by the event loop in this thread.
     unsafe { ngx_current_msec }
 }
@@ -216,6 +362,10 @@ fn ngx_current_msec_now() -> ngx_msec_t {
 fn now_text() -> String {
     let tp = ngx::ffi::ngx_timeofday();
     format_time(tp.sec, tp.msec as u32)
+}
+
+fn random_mask() -> [u8; 4] {
+    (ngx_random() as u32).to_ne_bytes()
 }
 
 fn non_empty(s: &ngx_str_t) -> Option<String> {
@@ -291,6 +441,31 @@ unsafe fn tunnel_of<'a>(c: *mut ngx_connection_t) -> Option<&'a mut Tunnel> {
     }
 }
 
+/// A connection's original `send`, as a [`Sink`].
+struct ConnSink {
+    c: *mut ngx_connection_t,
+    send: ngx_send_pt,
+}
+
+impl Sink for ConnSink {
+    fn write(&mut self, data: &[u8]) -> Write {
+        let Some(send) = self.send else {
+            return Write::Error;
+        };
+        if data.is_empty() {
+            return Write::Done(0);
+        }
+        // SAFETY: nginx's own send on its live connection; `data` stays valid and unchanged
+        // until the write completes (our buffers, or nginx's at the same position on retry).
+        let n = unsafe { send(self.c, data.as_ptr().cast_mut(), data.len()) };
+        match n {
+            n if n > 0 => Write::Done(n as usize),
+            n if n == NGX_AGAIN as isize || n == 0 => Write::Again,
+            _ => Write::Error,
+        }
+    }
+}
+
 /// `send` of the client connection: upstream -> client bytes.
 unsafe extern "C" fn ngx_http_ws_send_client(
     c: *mut ngx_connection_t,
@@ -301,17 +476,9 @@ unsafe extern "C" fn ngx_http_ws_send_client(
     let Some(t) = (unsafe { tunnel_of(c) }) else {
         return NGX_ERROR as isize;
     };
-    let Some(send) = t.client_send else {
-        return NGX_ERROR as isize;
-    };
-    // SAFETY: nginx's own send with nginx's arguments.
-    let n = unsafe { send(c, buf, size) };
-    if n > 0 {
-        // SAFETY: the original send wrote the first n bytes of buf.
-        let written = unsafe { core::slice::from_raw_parts(buf, n as usize) };
-        t.observe(From::Upstream, written);
-    }
-    n
+    // SAFETY: nginx passes `size` readable bytes at `buf`.
+    let data = unsafe { core::slice::from_raw_parts(buf, size) };
+    t.send(From::Upstream, data)
 }
 
 /// `send` of the upstream connection: client -> upstream bytes.
@@ -324,17 +491,9 @@ unsafe extern "C" fn ngx_http_ws_send_upstream(
     let Some(t) = (unsafe { tunnel_of(c) }) else {
         return NGX_ERROR as isize;
     };
-    let Some(send) = t.upstream_send else {
-        return NGX_ERROR as isize;
-    };
-    // SAFETY: nginx's own send with nginx's arguments.
-    let n = unsafe { send(c, buf, size) };
-    if n > 0 {
-        // SAFETY: the original send wrote the first n bytes of buf.
-        let written = unsafe { core::slice::from_raw_parts(buf, n as usize) };
-        t.observe(From::Client, written);
-    }
-    n
+    // SAFETY: nginx passes `size` readable bytes at `buf`.
+    let data = unsafe { core::slice::from_raw_parts(buf, size) };
+    t.send(From::Client, data)
 }
 
 /// Replaces the upstream module's `finalize_request`: the tunnel is over.
@@ -348,107 +507,409 @@ unsafe extern "C" fn ngx_http_ws_finalize(r: *mut ngx_http_request_t, rc: ngx_in
     let finalize = t.finalize;
     // SAFETY: called by ngx_http_upstream_finalize_request before the upstream connection is
     // closed, so both connections are still live.
-    unsafe { t.finish(r, rc) };
+    unsafe { t.finish(rc) };
     if let Some(f) = finalize {
         // SAFETY: the upstream module's own finalizer with nginx's arguments.
         unsafe { f(r, rc) };
     }
 }
 
-impl Tunnel {
-    /// Feeds bytes one side sent and the proxy really wrote to the other.
-    fn observe(&mut self, from: From, data: &[u8]) {
-        let want = self.events & (events::FRAME | events::MESSAGE);
-        let Tunnel {
-            client,
-            upstream,
-            log,
-            capture,
-            conn,
-            request_id,
-            first_close,
-            ..
-        } = self;
-        let dir = match from {
-            From::Upstream => upstream,
-            _ => client,
-        };
-        let had_close = dir.close_sent;
-        let lf = if want != 0 { *log } else { None };
-        let mut time: Option<String> = None;
-        dir.feed(data, *capture, |obs| {
-            let Some(mut lf) = lf else { return };
+/// The tunnel's timer: idle, lifetime, ping, drain, close handshake.
+unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
+    // SAFETY: data was set to the tunnel, which deletes this event before it is freed.
+    let t = unsafe { &mut *(*ev).data.cast::<Tunnel>() };
+    t.on_tick();
+}
+
+impl Recorder {
+    fn write<T: serde::Serialize>(&self, record: &T) {
+        if let Some(mut lf) = self.log {
             // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            let lf = unsafe { lf.as_mut() };
-            let time = time.get_or_insert_with(now_text);
-            match obs {
-                Observed::Frame(f) if want & events::FRAME != 0 => {
-                    let h = f.header;
-                    let payload = f.payload.map(|bytes| PayloadField {
-                        text: f.message_kind == Some(Opcode::Text),
-                        bytes,
-                        truncated: f.truncated,
-                    });
-                    lf.write(&FrameRecord {
-                        time,
-                        event: "frame",
-                        conn: *conn,
-                        request_id: request_id.as_deref(),
-                        from,
-                        opcode: OpcodeField(h.opcode),
-                        fin: h.fin,
-                        rsv1: h.rsv1,
-                        rsv2: h.rsv2,
-                        rsv3: h.rsv3,
-                        masked: h.mask.is_some(),
-                        len: h.len,
-                        payload,
-                        payload_truncated: payload.map(|p| p.truncated),
-                        code: f.close_code,
-                        reason: f.close_reason.as_deref(),
-                    });
+            unsafe { lf.as_mut() }.write(record);
+        }
+    }
+
+    /// Writes the record for something a flow did.
+    fn on(&mut self, from: From, e: &Event<'_>, time: &mut Option<String>) {
+        let want = self.events & (events::FRAME | events::MESSAGE);
+        if want == 0 || self.log.is_none() {
+            return;
+        }
+        let time = time.get_or_insert_with(now_text).clone();
+        match e {
+            Event::Peer(Observed::Frame(f)) if want & events::FRAME != 0 => {
+                let h = f.header;
+                let payload = f.payload.map(|bytes| PayloadField {
+                    text: f.message_kind == Some(Opcode::Text),
+                    bytes,
+                    truncated: f.truncated,
+                });
+                let rec = FrameRecord {
+                    time: &time,
+                    event: "frame",
+                    conn: self.conn,
+                    request_id: self.request_id.as_deref(),
+                    from,
+                    opcode: OpcodeField(h.opcode),
+                    fin: h.fin,
+                    rsv1: h.rsv1,
+                    rsv2: h.rsv2,
+                    rsv3: h.rsv3,
+                    masked: h.mask.is_some(),
+                    len: h.len,
+                    payload,
+                    payload_truncated: payload.map(|p| p.truncated),
+                    code: f.close_code,
+                    reason: f.close_reason.as_deref(),
+                };
+                self.write(&rec);
+            }
+            Event::Peer(Observed::Message(m)) if want & events::MESSAGE != 0 => {
+                let captured = self.payload > 0 && !m.compressed;
+                let payload = captured.then_some(PayloadField {
+                    text: m.kind == Opcode::Text,
+                    bytes: &m.payload,
+                    truncated: m.truncated,
+                });
+                let rec = MessageRecord {
+                    time: &time,
+                    event: "message",
+                    conn: self.conn,
+                    request_id: self.request_id.as_deref(),
+                    from,
+                    kind: if m.kind == Opcode::Text {
+                        "text"
+                    } else {
+                        "binary"
+                    },
+                    len: m.len,
+                    frames: m.frames,
+                    compressed: m.compressed,
+                    payload,
+                    payload_truncated: payload.map(|p| p.truncated),
+                };
+                self.write(&rec);
+            }
+            Event::Proxy {
+                opcode,
+                len,
+                masked,
+                code,
+                reason,
+            } if want & events::FRAME != 0 => {
+                let rec = FrameRecord {
+                    time: &time,
+                    event: "frame",
+                    conn: self.conn,
+                    request_id: self.request_id.as_deref(),
+                    from: From::Proxy,
+                    opcode: OpcodeField(*opcode),
+                    fin: true,
+                    rsv1: false,
+                    rsv2: false,
+                    rsv3: false,
+                    masked: *masked,
+                    len: *len,
+                    payload: None,
+                    payload_truncated: None,
+                    code: *code,
+                    reason: *reason,
+                };
+                self.write(&rec);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Tunnel {
+    /// The client's frames (what the client sent).
+    pub fn client(&self) -> &Direction {
+        &self.to_upstream.obs
+    }
+
+    /// The upstream's frames.
+    pub fn upstream(&self) -> &Direction {
+        &self.to_client.obs
+    }
+
+    /// A `send` call from nginx for one direction; returns what nginx's `send` returns.
+    fn send(&mut self, from: From, data: &[u8]) -> isize {
+        let now = now_msec();
+        let (flow, mut sink) = match from {
+            From::Upstream => (
+                &mut self.to_client,
+                ConnSink {
+                    c: self.client_conn,
+                    send: self.client_send,
+                },
+            ),
+            _ => (
+                &mut self.to_upstream,
+                ConnSink {
+                    c: self.upstream_conn,
+                    send: self.upstream_send,
+                },
+            ),
+        };
+        let had_close = flow.obs.close_sent;
+        let rec = &mut self.rec;
+        let mut time = None;
+        let mut data_frame = false;
+        let mut pong = false;
+        let sent = flow.send(data, &mut sink, &mut |e| {
+            match &e {
+                Event::Peer(Observed::Frame(f)) if f.header.opcode.is_data() => data_frame = true,
+                Event::PongConsumed => pong = true,
+                _ => {}
+            }
+            rec.on(from, &e, &mut time);
+        });
+        let closed_now = !had_close && flow.obs.close_sent;
+        let mid_data = flow.obs.in_data_frame();
+        if let Sent::Consumed(n) = sent {
+            if n > 0 && from == From::Client {
+                self.last_client_rx = now;
+                self.ping_sent = None;
+            }
+        }
+        if data_frame || mid_data {
+            self.last_data = now;
+        }
+        if pong {
+            self.ping_sent = None;
+        }
+        if closed_now && self.first_close.is_none() {
+            self.first_close = Some(from);
+        }
+        if self.closing.is_some() && self.handshake_done() {
+            // Never finalize inside send: nginx's copy loop still uses the request.
+            self.post_tick();
+        }
+        match sent {
+            Sent::Consumed(0) | Sent::Again => NGX_AGAIN as isize,
+            Sent::Consumed(n) => n as isize,
+            Sent::Error => NGX_ERROR as isize,
+        }
+    }
+
+    fn post_tick(&mut self) {
+        if self.tick.posted() == 0 {
+            // SAFETY: the event lives in the tunnel, which removes it from the queue in finish.
+            unsafe { ngx_post_event(&mut self.tick, ptr::addr_of_mut!(ngx_posted_events)) };
+        }
+    }
+
+    /// Both Close frames went out and both peers answered with theirs.
+    fn handshake_done(&self) -> bool {
+        self.to_client.close_written
+            && self.to_upstream.close_written
+            && self.to_client.obs.close_sent
+            && self.to_upstream.obs.close_sent
+    }
+
+    fn schedule_drain(&mut self, now: ngx_msec_t) {
+        if self.drain_at.is_some() || self.timers.drain == 0 {
+            return;
+        }
+        let spread = ngx_random() as ngx_msec_t % self.timers.drain;
+        self.drain_at = Some(now + spread);
+        self.arm(now);
+    }
+
+    /// Sets the tick timer to the nearest deadline.
+    fn arm(&mut self, now: ngx_msec_t) {
+        if self.ending || self.outcome.is_some() {
+            return;
+        }
+        let mut next: Option<ngx_msec_t> = None;
+        let mut at = |d: ngx_msec_t| next = Some(next.map_or(d, |n| n.min(d)));
+        if let Some(c) = self.closing {
+            at(c.since + self.timers.close);
+            if self.to_client.has_pending() || self.to_upstream.has_pending() {
+                at(now + RETRY_MSEC);
+            }
+        } else {
+            if self.timers.idle > 0 {
+                at(self.last_data + self.timers.idle);
+            }
+            if self.timers.lifetime > 0 {
+                at(self.start + self.timers.lifetime);
+            }
+            if self.timers.ping > 0 {
+                match self.ping_sent {
+                    Some(s) => at(s + self.timers.pong),
+                    None => at(self.last_client_rx + self.timers.ping),
                 }
-                Observed::Message(m) if want & events::MESSAGE != 0 => {
-                    let captured = capture.payload > 0 && !m.compressed;
-                    let payload = captured.then_some(PayloadField {
-                        text: m.kind == Opcode::Text,
-                        bytes: &m.payload,
-                        truncated: m.truncated,
-                    });
-                    lf.write(&MessageRecord {
-                        time,
-                        event: "message",
-                        conn: *conn,
-                        request_id: request_id.as_deref(),
-                        from,
-                        kind: if m.kind == Opcode::Text {
-                            "text"
-                        } else {
-                            "binary"
-                        },
-                        len: m.len,
-                        frames: m.frames,
-                        compressed: m.compressed,
-                        payload,
-                        payload_truncated: payload.map(|p| p.truncated),
-                    });
+            }
+            if let Some(d) = self.drain_at {
+                at(d);
+            }
+        }
+        let Some(deadline) = next else {
+            return;
+        };
+        let delay = deadline.saturating_sub(now).max(1);
+        // SAFETY: the event lives in the tunnel; ngx_add_timer re-arms an armed event.
+        unsafe { ngx_add_timer(&mut self.tick, delay) };
+    }
+
+    fn on_tick(&mut self) {
+        if self.ending || self.outcome.is_some() {
+            return;
+        }
+        let now = now_msec();
+        if let Some(c) = self.closing {
+            if self.handshake_done() || now.wrapping_sub(c.since) >= self.timers.close {
+                if !self.handshake_done() {
+                    self.log_unanswered();
+                }
+                self.end_tunnel();
+                return;
+            }
+            self.flush_own();
+            self.arm(now);
+            return;
+        }
+        let t = self.timers;
+        if t.lifetime > 0 && now.wrapping_sub(self.start) >= t.lifetime {
+            self.begin_close(now, End::MaxLifetime, 1001, "max lifetime");
+        } else if t.idle > 0 && now.wrapping_sub(self.last_data) >= t.idle {
+            self.begin_close(now, End::IdleTimeout, 1001, "idle timeout");
+        } else if self.drain_at.is_some_and(|d| now >= d) {
+            self.begin_close(now, End::Drain, 1012, "service restart");
+        } else if t.ping > 0 {
+            match self.ping_sent {
+                Some(s) if now.wrapping_sub(s) >= t.pong => {
+                    self.begin_close(now, End::PingTimeout, 1001, "ping timeout");
+                }
+                None if now.wrapping_sub(self.last_client_rx) >= t.ping => {
+                    self.send_ping(now);
                 }
                 _ => {}
             }
-        });
-        if !had_close && dir.close_sent && first_close.is_none() {
-            *first_close = Some(from);
         }
+        if self.ending {
+            return;
+        }
+        self.arm(now);
+    }
+
+    fn send_ping(&mut self, now: ngx_msec_t) {
+        self.ping_seq = self.ping_seq.wrapping_add(1);
+        let payload = format!("{PING_PREFIX}{}", self.ping_seq).into_bytes();
+        self.to_upstream.watch_pong = Some(payload.clone());
+        self.to_client.request_ping(payload, None);
+        self.ping_sent = Some(now);
+        self.flush_own();
+    }
+
+    /// The proxy closes the tunnel: Close to both peers at their next frame boundary.
+    fn begin_close(&mut self, now: ngx_msec_t, end: End, code: u16, reason: &'static str) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(Closing {
+            since: now,
+            end,
+            code,
+            reason,
+        });
+        self.to_client.request_close(code, reason, None);
+        self.to_upstream
+            .request_close(code, reason, Some(random_mask()));
+        self.flush_own();
+        if self.handshake_done() {
+            self.post_tick();
+        }
+    }
+
+    /// Writes what the proxy has pending in each direction, unless a write there must first be
+    /// retried by nginx with its own bytes.
+    fn flush_own(&mut self) {
+        let Tunnel {
+            to_client,
+            to_upstream,
+            rec,
+            client_conn,
+            upstream_conn,
+            client_send,
+            upstream_send,
+            ..
+        } = self;
+        let mut time = None;
+        for (flow, c, send, from) in [
+            (to_client, *client_conn, *client_send, From::Upstream),
+            (to_upstream, *upstream_conn, *upstream_send, From::Client),
+        ] {
+            if flow.awaiting_retry() && !flow.has_pending() {
+                continue;
+            }
+            let mut sink = ConnSink { c, send };
+            let _ = flow.send(&[], &mut sink, &mut |e| rec.on(from, &e, &mut time));
+        }
+    }
+
+    fn log_unanswered(&self) {
+        let side = |f: &Flow| {
+            if !f.close_written {
+                if f.at_boundary() {
+                    "could not take the close frame"
+                } else {
+                    "stalled inside a frame"
+                }
+            } else {
+                "did not answer the close frame"
+            }
+        };
+        // SAFETY: the client connection is live while the tunnel is.
+        let log = unsafe { (*self.client_conn).log };
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "ws: closing without handshake after ws_close_timeout: client {}, upstream {}",
+            side(&self.to_client),
+            side(&self.to_upstream)
+        );
+    }
+
+    /// Ends the tunnel through nginx's own request finalization.
+    fn end_tunnel(&mut self) {
+        if self.ending {
+            return;
+        }
+        self.ending = true;
+        let r = self.r;
+        // SAFETY: the request is live (the tunnel is its context); this is what nginx does for
+        // a request whose connection must close (ngx_http_request_handler with c->close): keep
+        // the request alive across termination, then run what termination posted.
+        unsafe {
+            let c = (*r).connection;
+            let main = &mut *(*r).main;
+            main.set_count(main.count() + 1);
+            ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+            ngx_http_run_posted_requests(c);
+        }
+        // `self` may be freed now.
     }
 
     /// The tunnel ends: decide why, restore nginx's pointers, write the close record.
     ///
     /// # Safety
     /// Both connections must still be live (called from the upstream finalizer).
-    unsafe fn finish(&mut self, r: *mut ngx_http_request_t, rc: ngx_int_t) {
+    unsafe fn finish(&mut self, rc: ngx_int_t) {
         if self.outcome.is_some() {
             return;
         }
+        if self.tick.timer_set() != 0 {
+            // SAFETY: the event is in nginx's timer tree.
+            unsafe { ngx_del_timer(&mut self.tick) };
+        }
+        if self.tick.posted() != 0 {
+            // SAFETY: the event is in the posted queue.
+            unsafe { ngx_delete_posted_event(&mut self.tick) };
+        }
+        self.unregister_drain();
         // SAFETY: per the contract.
         let (cc, uc) = unsafe { (&mut *self.client_conn, self.upstream_conn.as_mut()) };
         // SAFETY: connection events are live with their connections.
@@ -465,7 +926,9 @@ impl Tunnel {
             },
             None => (false, false),
         };
-        let (end, closed_by) = if let Some(first) = self.first_close {
+        let (end, closed_by) = if let Some(c) = self.closing {
+            (c.end, From::Proxy)
+        } else if let Some(first) = self.first_close {
             (End::Normal, first)
         } else if rc == NGX_HTTP_GATEWAY_TIME_OUT as ngx_int_t || upstream_timedout {
             (End::UpstreamTimeout, From::Proxy)
@@ -478,7 +941,7 @@ impl Tunnel {
         } else {
             (End::Error, From::Proxy)
         };
-        let duration_ms = ngx_current_msec_now().wrapping_sub(self.start) as u64;
+        let duration_ms = now_msec().wrapping_sub(self.start) as u64;
         self.outcome = Some(Outcome {
             end,
             closed_by,
@@ -500,39 +963,76 @@ impl Tunnel {
             }
         }
 
-        if self.events & events::CLOSE != 0 {
+        if self.rec.events & events::CLOSE != 0 {
             let time = now_text();
             let rec = CloseRecord {
                 time: &time,
                 event: "close",
-                conn: self.conn,
-                request_id: self.request_id.as_deref(),
+                conn: self.rec.conn,
+                request_id: self.rec.request_id.as_deref(),
                 duration_ms,
-                client: side(&self.client),
-                upstream: side(&self.upstream),
+                client: side(self.client()),
+                upstream: side(self.upstream()),
                 closed_by,
                 end,
             };
-            if let Some(mut lf) = self.log {
+            let mut log = self.rec.log;
+            if let Some(lf) = log.as_mut() {
                 // SAFETY: LogFiles live in the configuration pool.
                 unsafe { lf.as_mut() }.write(&rec);
             }
         }
-        if let Some(mut lf) = self.log {
+        if let Some(mut lf) = self.rec.log {
             // SAFETY: as above.
             unsafe { lf.as_mut() }.flush_buffer();
         }
-        let _ = r;
     }
 
-    /// The close code and reason that ended the tunnel: the closing side's.
+    fn unregister_drain(&mut self) {
+        let Some(i) = self.drain_index.take() else {
+            return;
+        };
+        // SAFETY: nginx's thread; the cycle's main conf holds the list this tunnel joined.
+        let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
+            return;
+        };
+        let list = &mut mcf.drain.tunnels;
+        if i < list.len() && ptr::eq(list[i].as_ptr(), self) {
+            list.swap_remove(i);
+            if let Some(moved) = list.get(i) {
+                // SAFETY: tunnels in the list are live.
+                unsafe { (*moved.as_ptr()).drain_index = Some(i) };
+            }
+        }
+    }
+
+    /// The close code and reason that ended the tunnel: the closing side's (the proxy's own
+    /// when it closed).
     pub fn close_code_reason(&self) -> (Option<u16>, Option<&str>) {
+        if let Some(c) = self.closing {
+            return (Some(c.code), Some(c.reason));
+        }
         let d = match self.outcome.map(|o| o.closed_by) {
-            Some(From::Client) => &self.client,
-            Some(From::Upstream) => &self.upstream,
+            Some(From::Client) => self.client(),
+            Some(From::Upstream) => self.upstream(),
             _ => return (None, None),
         };
         (d.close_code, d.close_reason.as_deref())
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // The request pool is going away: no timer or posted event may point here.
+        if self.tick.timer_set() != 0 {
+            // SAFETY: the event is in nginx's timer tree.
+            unsafe { ngx_del_timer(&mut self.tick) };
+        }
+        if self.tick.posted() != 0 {
+            // SAFETY: the event is in the posted queue.
+            unsafe { ngx_delete_posted_event(&mut self.tick) };
+        }
+        self.unregister_drain();
     }
 }
 

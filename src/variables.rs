@@ -66,12 +66,12 @@ pub unsafe fn add(cf: *mut ngx_conf_t) -> Status {
 fn value(t: &Tunnel, which: Var) -> Option<String> {
     let o = t.outcome?;
     Some(match which {
-        Var::ClientFrames => t.client.frames.to_string(),
-        Var::UpstreamFrames => t.upstream.frames.to_string(),
-        Var::ClientMessages => t.client.messages.to_string(),
-        Var::UpstreamMessages => t.upstream.messages.to_string(),
-        Var::ClientBytes => t.client.bytes.to_string(),
-        Var::UpstreamBytes => t.upstream.bytes.to_string(),
+        Var::ClientFrames => t.client().frames.to_string(),
+        Var::UpstreamFrames => t.upstream().frames.to_string(),
+        Var::ClientMessages => t.client().messages.to_string(),
+        Var::UpstreamMessages => t.upstream().messages.to_string(),
+        Var::ClientBytes => t.client().bytes.to_string(),
+        Var::UpstreamBytes => t.upstream().bytes.to_string(),
         Var::CloseCode => t.close_code_reason().0?.to_string(),
         Var::CloseReason => t.close_code_reason().1?.to_string(),
         Var::ClosedBy => o.closed_by.as_str().to_string(),

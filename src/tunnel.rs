@@ -850,26 +850,32 @@ impl Tunnel {
         }
     }
 
+    /// Says in the error log why the closing handshake did not complete.
     fn log_unanswered(&self) {
-        let side = |f: &Flow| {
-            if !f.close_written {
-                if f.at_boundary() {
-                    "could not take the close frame"
+        // (flow, the peer it delivers to, the peer it carries frames from)
+        let why = |f: &Flow, to: &str, from: &str| {
+            if f.close_written {
+                if f.obs.close_sent {
+                    String::new()
                 } else {
-                    "stalled inside a frame"
+                    format!("{to} did not answer the close frame; ")
                 }
+            } else if f.at_boundary() {
+                format!("{to} did not take the close frame; ")
             } else {
-                "did not answer the close frame"
+                format!("{from} stalled inside a frame, no close frame sent to the {to}; ")
             }
         };
+        // The reply to the Close sent to the client comes back in the other flow.
+        let mut text = why(&self.to_client, "client", "upstream");
+        text += &why(&self.to_upstream, "upstream", "client");
         // SAFETY: the client connection is live while the tunnel is.
         let log = unsafe { (*self.client_conn).log };
         ngx_log_error!(
             NGX_LOG_INFO,
             log,
-            "ws: closing without handshake after ws_close_timeout: client {}, upstream {}",
-            side(&self.to_client),
-            side(&self.to_upstream)
+            "ws: closing connections after ws_close_timeout: {}",
+            text.trim_end_matches("; ")
         );
     }
 

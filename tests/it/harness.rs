@@ -30,9 +30,14 @@ pub fn module_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/it-xxxx -> target/<profile>/libnginx_ws.so
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    dir.join("libnginx_ws.so")
+    // cargo test builds the cdylib into target/<profile>/deps, next to this binary; only
+    // cargo build copies it up to target/<profile>.
+    let deps = exe.parent().expect("deps dir");
+    let fresh = deps.join("libnginx_ws.so");
+    if fresh.exists() {
+        return fresh;
+    }
+    deps.parent().expect("target dir").join("libnginx_ws.so")
 }
 
 /// A free TCP port on 127.0.0.1, picked at run time.
@@ -281,6 +286,11 @@ pub fn ws_config() -> WebSocketConfig {
 pub struct Seen {
     pub messages: Vec<Message>,
     pub paths: Vec<String>,
+    /// Close frames received (code, reason); tungstenite rejects unmasked client frames, so
+    /// these were masked.
+    pub closes: Vec<(u16, String)>,
+    pub pongs: usize,
+    pub pings: usize,
 }
 
 /// A tokio-tungstenite upstream. By path: `/close` answers the first message with Close 4002
@@ -341,10 +351,16 @@ pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mu
                     }
                 }
             }
-            Message::Close(_) => {
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                seen.lock().unwrap().closes.push((code, reason));
                 // tungstenite queues the Close reply; flush it out.
                 let _ = ws.flush().await;
             }
+            Message::Pong(_) => seen.lock().unwrap().pongs += 1,
+            Message::Ping(_) => seen.lock().unwrap().pings += 1,
             _ => {}
         }
     }

@@ -4,5 +4,6 @@
 mod config;
 mod harness;
 mod logfile;
+mod timeouts;
 mod tls;
 mod tunnel;

@@ -74,7 +74,18 @@ impl Nginx {
     fn spawn(dir: tempfile::TempDir, conf: &str, port: u16) -> Nginx {
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         std::fs::write(dir.path().join("nginx.conf"), conf).expect("write conf");
-        let child = Command::new(nginx_bin())
+        // NGX_WS_NGINX_WRAPPER runs nginx under a tool, e.g. "valgrind --log-file=...".
+        let wrapper = std::env::var("NGX_WS_NGINX_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(nginx_bin());
+                c
+            }
+            None => Command::new(nginx_bin()),
+        };
+        let child = cmd
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -103,7 +114,7 @@ impl Nginx {
     }
 
     fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;

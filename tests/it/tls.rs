@@ -137,3 +137,59 @@ async fn proxy_to_tls_upstream() {
     exchange_and_check(&ngx.url("/"), None, &ngx).await;
     assert_eq!(seen.lock().unwrap().messages.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_over_wss() {
+    let cert = make_cert();
+    let echo = echo_server().await;
+    let port = free_port();
+    let server = format!(
+        "server {{ listen 127.0.0.1:{port} ssl;\n\
+         ssl_certificate certs/server.crt; ssl_certificate_key certs/server.key;\n\
+         location / {{ ws_log logs/ws.log; ws_idle_timeout 1s; ws_close_timeout 1s; {} }} }}",
+        proxy_to(echo.addr)
+    );
+    let ngx = start_with_files(
+        &main_conf(1, &server),
+        port,
+        &[
+            ("certs/server.crt", &cert.pem),
+            ("certs/server.key", &cert.key),
+        ],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        format!("wss://localhost:{port}/"),
+        Some(ws_config()),
+        false,
+        Some(Connector::Rustls(Arc::new(cfg))),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::Text("once".into())).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let close = loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Close(f) => break f.unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (u16::from(close.code), &*close.reason),
+        (1001, "idle timeout")
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(3));
+    while let Some(Ok(_)) = ws.next().await {}
+    let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
+    assert_eq!(of_event(&recs, "close")[0]["end"], "idle_timeout");
+    assert_eq!(
+        echo.seen.lock().unwrap().closes,
+        [(1001, "idle timeout".to_string())]
+    );
+}

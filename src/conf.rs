@@ -117,6 +117,11 @@ pub struct LocConf {
     pub pong_timeout: ngx_msec_t,
     pub close_timeout: ngx_msec_t,
     pub drain: ngx_msec_t,
+    /// Size limits in bytes; 0 is off.
+    pub max_frame: usize,
+    pub max_message: usize,
+    /// `ws_protocol_check`: 0 off, 1 on, unset.
+    pub protocol_check: usize,
 }
 
 impl Default for LocConf {
@@ -131,6 +136,9 @@ impl Default for LocConf {
             pong_timeout: MSEC_UNSET,
             close_timeout: MSEC_UNSET,
             drain: MSEC_UNSET,
+            max_frame: NGX_CONF_UNSET_SIZE,
+            max_message: NGX_CONF_UNSET_SIZE,
+            protocol_check: NGX_CONF_UNSET_SIZE,
         }
     }
 }
@@ -157,6 +165,9 @@ impl LocConf {
             || self.max_lifetime > 0
             || self.ping_interval > 0
             || self.drain > 0
+            || self.max_frame > 0
+            || self.max_message > 0
+            || self.protocol_check == 1
     }
 }
 
@@ -182,6 +193,15 @@ impl Merge for LocConf {
         merge_msec(&mut self.pong_timeout, prev.pong_timeout, 10_000);
         merge_msec(&mut self.close_timeout, prev.close_timeout, 5_000);
         merge_msec(&mut self.drain, prev.drain, 0);
+        for (v, p) in [
+            (&mut self.max_frame, prev.max_frame),
+            (&mut self.max_message, prev.max_message),
+            (&mut self.protocol_check, prev.protocol_check),
+        ] {
+            if *v == NGX_CONF_UNSET_SIZE {
+                *v = if p == NGX_CONF_UNSET_SIZE { 0 } else { p };
+            }
+        }
         if self.payload == NGX_CONF_UNSET_SIZE {
             self.payload = if prev.payload == NGX_CONF_UNSET_SIZE {
                 0
@@ -455,6 +475,66 @@ extern "C" fn ngx_http_ws_set_time(
     finish(cf, r)
 }
 
+extern "C" fn ngx_http_ws_set_limit(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    // SAFETY: called by nginx while parsing this directive.
+    let a = unsafe { args(cf) };
+    let r = (|| {
+        let (directive, field) = match a[0].as_bytes() {
+            b"ws_max_frame_size" => ("ws_max_frame_size", &mut lcf.max_frame),
+            _ => ("ws_max_message_size", &mut lcf.max_message),
+        };
+        if *field != NGX_CONF_UNSET_SIZE {
+            return Err(ConfError::Duplicate(directive));
+        }
+        *field = if a[1].as_bytes() == b"off" {
+            0
+        } else {
+            parse_size(&a[1])
+                .filter(|&n| n > 0)
+                .ok_or(ConfError::InvalidValue {
+                    directive,
+                    value: text(&a[1]),
+                })?
+        };
+        Ok(())
+    })();
+    finish(cf, r)
+}
+
+extern "C" fn ngx_http_ws_set_protocol_check(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    // SAFETY: called by nginx while parsing this directive.
+    let a = unsafe { args(cf) };
+    let r = (|| {
+        if lcf.protocol_check != NGX_CONF_UNSET_SIZE {
+            return Err(ConfError::Duplicate("ws_protocol_check"));
+        }
+        lcf.protocol_check = match a[1].as_bytes() {
+            b"on" => 1,
+            b"off" => 0,
+            _ => {
+                return Err(ConfError::InvalidValue {
+                    directive: "ws_protocol_check",
+                    value: text(&a[1]),
+                })
+            }
+        };
+        Ok(())
+    })();
+    finish(cf, r)
+}
+
 /// The http main configuration while http{} is being parsed.
 ///
 /// # Safety
@@ -486,7 +566,7 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 10] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 13] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -555,6 +635,30 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 10] = [
         name: ngx_string!("ws_drain"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_max_frame_size"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_limit),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_max_message_size"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_limit),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_protocol_check"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_protocol_check),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

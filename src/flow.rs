@@ -8,7 +8,7 @@
 //! in its own buffers, and a write that returned "again" is always retried first with the same
 //! bytes, as `SSL_write` requires.
 
-use crate::frame::{encode_header, unmask, FrameHeader, Opcode, MAX_HEADER_LEN};
+use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
 use crate::observe::{Capture, Direction, Observed};
 
 /// Result of one write to the connection.
@@ -31,6 +31,90 @@ pub enum Sent {
     Consumed(usize),
     Again,
     Error,
+}
+
+/// Frame policy: size limits and RFC 6455 checks, judged on each frame's header before any
+/// byte of the frame is forwarded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Largest frame payload (0: no limit).
+    pub max_frame: u64,
+    /// Largest message, summed over its fragments (0: no limit).
+    pub max_message: u64,
+    /// Enforce RFC 6455 framing.
+    pub protocol_check: bool,
+    /// Frames in this direction must be masked (client to server), or must not be.
+    pub expect_masked: bool,
+    /// RSV bits (RSV1 = 4, RSV2 = 2, RSV3 = 1) that negotiated extensions allow on the first
+    /// frame of a message.
+    pub rsv_allowed: u8,
+}
+
+impl Policy {
+    fn active(&self) -> bool {
+        self.max_frame > 0 || self.max_message > 0 || self.protocol_check
+    }
+
+    /// Judges a frame header against the policy, given the message in progress.
+    pub fn check(&self, h: &FrameHeader, msg: Option<(Opcode, u64)>) -> Option<Violation> {
+        if self.protocol_check {
+            let rsv = (u8::from(h.rsv1) << 2) | (u8::from(h.rsv2) << 1) | u8::from(h.rsv3);
+            let allowed = match h.opcode {
+                Opcode::Text | Opcode::Binary => self.rsv_allowed,
+                _ => 0,
+            };
+            let bad = rsv & !allowed != 0
+                || matches!(h.opcode, Opcode::Reserved(_))
+                || (h.opcode.is_control() && (h.len > 125 || !h.fin))
+                || (h.opcode == Opcode::Continuation && msg.is_none())
+                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && msg.is_some())
+                || (h.opcode == Opcode::Close && h.len == 1)
+                || h.mask.is_some() != self.expect_masked;
+            if bad {
+                return Some(Violation::Protocol);
+            }
+        }
+        if self.max_frame > 0 && h.len > self.max_frame {
+            return Some(Violation::TooBig);
+        }
+        if self.max_message > 0 && h.opcode.is_data() {
+            let before = match (h.opcode, msg) {
+                (Opcode::Continuation, Some((_, len))) => len,
+                _ => 0,
+            };
+            if before.saturating_add(h.len) > self.max_message {
+                return Some(Violation::TooBig);
+            }
+        }
+        None
+    }
+}
+
+/// A frame the policy refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// Over `ws_max_frame_size` or `ws_max_message_size`: Close 1009 to the sender.
+    TooBig,
+    /// Broke RFC 6455 framing: Close 1002 to the sender.
+    Protocol,
+}
+
+impl Violation {
+    /// The Close the sender gets.
+    pub fn sender_close(self) -> (u16, &'static str) {
+        match self {
+            Violation::TooBig => (1009, "message too big"),
+            Violation::Protocol => (1002, "protocol error"),
+        }
+    }
+
+    /// The Close the other peer gets.
+    pub fn peer_close(self) -> (u16, &'static str) {
+        match self {
+            Violation::TooBig => (1001, "message too big"),
+            Violation::Protocol => (1001, "protocol error"),
+        }
+    }
 }
 
 /// Something the flow did, for records and counters.
@@ -91,14 +175,41 @@ pub struct Flow {
     pub close_written: bool,
     /// A Pong with this payload answers the proxy's Ping: consume it.
     pub watch_pong: Option<Vec<u8>>,
+    policy: Policy,
+    /// The frame the policy refused; the proxy then closes this direction with the peer's
+    /// code and the tunnel closes the other.
+    pub violation: Option<Violation>,
+    /// Mask state for injected frames (client to server frames are masked); 0: unmasked.
+    mask_state: u32,
 }
 
 impl Flow {
-    pub fn new(capture: Capture) -> Flow {
+    /// A flow; `mask_seed` (non-zero) masks the frames the proxy injects.
+    pub fn new(capture: Capture, policy: Policy, mask_seed: u32) -> Flow {
         Flow {
             capture,
+            policy,
+            mask_state: mask_seed,
             ..Flow::default()
         }
+    }
+
+    fn next_mask(&mut self) -> Option<[u8; 4]> {
+        if self.mask_state == 0 {
+            return None;
+        }
+        // xorshift32: masks differ frame to frame; the seed comes from nginx's random().
+        let mut x = self.mask_state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.mask_state = x;
+        Some(x.to_ne_bytes())
+    }
+
+    /// Whether frames are judged (policy or an awaited Pong) before they are forwarded.
+    fn judging(&self) -> bool {
+        self.policy.active() || self.watch_pong.is_some()
     }
 
     /// Whether the proxy has bytes of its own waiting to be written.
@@ -115,9 +226,7 @@ impl Flow {
     /// Whether the proxy still waits for a frame boundary to inject something.
     pub fn wants_boundary(&self) -> bool {
         !self.closed
-            && (self.close_request.is_some()
-                || self.ping_request.is_some()
-                || self.watch_pong.is_some())
+            && (self.close_request.is_some() || self.ping_request.is_some() || self.judging())
     }
 
     /// The input is between frames (nothing held, no frame half passed).
@@ -126,15 +235,17 @@ impl Flow {
     }
 
     /// Asks for a Close frame at the next frame boundary; afterwards nothing else is delivered.
-    pub fn request_close(&mut self, code: u16, reason: &'static str, mask: Option<[u8; 4]>) {
+    pub fn request_close(&mut self, code: u16, reason: &'static str) {
         if !self.closed && self.close_request.is_none() {
+            let mask = self.next_mask();
             self.close_request = Some((code, reason, mask));
         }
     }
 
     /// Asks for a Ping frame at the next frame boundary.
-    pub fn request_ping(&mut self, payload: Vec<u8>, mask: Option<[u8; 4]>) {
+    pub fn request_ping(&mut self, payload: Vec<u8>) {
         if !self.closed {
+            let mask = self.next_mask();
             self.ping_request = Some((payload, mask));
         }
     }
@@ -164,6 +275,8 @@ impl Flow {
                 }
             }
             let rest = &buf[consumed..];
+            // The whole length of a frame judged at this boundary: forward no further.
+            let mut judged: Option<u64> = None;
 
             if self.closed && !matches!(self.retry, Some(Src::Peer(_))) {
                 // Swallow: the proxy has closed this direction. Still watch for the peer's Close.
@@ -178,9 +291,9 @@ impl Flow {
                 if rest.is_empty() {
                     return Sent::Consumed(consumed);
                 }
-                if let Some(expect) = self.watch_pong.as_deref() {
-                    match judge(rest, expect) {
-                        Judge::Forward => {}
+                if self.judging() {
+                    match self.judge(rest) {
+                        Judge::Forward(total) => judged = Some(total),
                         Judge::Consume(len) => {
                             self.obs
                                 .feed(&rest[..len], self.capture, |o| on(Event::Peer(o)));
@@ -189,8 +302,12 @@ impl Flow {
                             consumed += len;
                             continue;
                         }
+                        Judge::Violate(v) => {
+                            self.refuse(v);
+                            continue;
+                        }
                         Judge::NeedMore(_) => {
-                            // Hold the start of the frame until we know whether it is our Pong.
+                            // Hold the start of the frame until it can be judged.
                             let n = self.hold(rest, on);
                             consumed += n;
                             continue;
@@ -215,7 +332,7 @@ impl Flow {
             // never retrying with fewer bytes than the write that returned "again".
             let mut limit = rest.len();
             if self.wants_boundary() {
-                if let Some(left) = self.obs.until_known() {
+                if let Some(left) = self.obs.until_known().or(judged) {
                     limit = limit.min(usize::try_from(left).unwrap_or(usize::MAX));
                 }
             }
@@ -363,20 +480,63 @@ impl Flow {
         ));
     }
 
+    /// Judges the frame starting at `have`.
+    fn judge(&self, have: &[u8]) -> Judge {
+        let h = match peek_header(have) {
+            Ok(h) => h,
+            Err(need) => return Judge::NeedMore(need),
+        };
+        if let Some(v) = self.policy.check(&h, self.obs.message_in_progress()) {
+            return Judge::Violate(v);
+        }
+        let whole = u64::from(h.header_len).saturating_add(h.len);
+        let Some(expect) = self.watch_pong.as_deref() else {
+            return Judge::Forward(whole);
+        };
+        if h.opcode != Opcode::Pong || !h.fin || h.len != expect.len() as u64 {
+            return Judge::Forward(whole);
+        }
+        let hlen = usize::from(h.header_len);
+        let total = hlen + expect.len();
+        if have.len() < total {
+            return Judge::NeedMore(total);
+        }
+        let mut p = have[hlen..total].to_vec();
+        if let Some(m) = h.mask {
+            unmask(&mut p, m, 0);
+        }
+        if p == expect {
+            Judge::Consume(total)
+        } else {
+            Judge::Forward(whole)
+        }
+    }
+
+    /// The policy refused the frame at the input's boundary: it is not forwarded; this
+    /// direction gets its Close now and swallows the rest.
+    fn refuse(&mut self, v: Violation) {
+        self.violation = Some(v);
+        let (code, reason) = v.peer_close();
+        self.close_request = None;
+        self.request_close(code, reason);
+        self.queue_injection();
+    }
+
     /// Takes input into the hold buffer until the frame can be judged; returns bytes taken.
     fn hold<F: FnMut(Event<'_>)>(&mut self, rest: &[u8], on: &mut F) -> usize {
-        let Some(expect) = self.watch_pong.clone() else {
-            self.held_release = true;
-            return 0;
-        };
-        // How much of this frame we need: the header, then (for a candidate Pong) its payload.
         let mut take = 0;
         loop {
-            let have = &self.held;
-            let need = match judge(have, &expect) {
+            let need = match self.judge(&self.held) {
                 Judge::NeedMore(n) => n,
-                Judge::Forward => {
+                Judge::Forward(_) => {
                     self.held_release = true;
+                    return take;
+                }
+                Judge::Violate(v) => {
+                    // The held start of the refused frame is swallowed like the rest of it.
+                    let held = core::mem::take(&mut self.held);
+                    self.obs.feed(&held, self.capture, |o| on(Event::Peer(o)));
+                    self.refuse(v);
                     return take;
                 }
                 Judge::Consume(len) => {
@@ -405,42 +565,12 @@ impl Flow {
 enum Judge {
     /// Need at least this many bytes of the frame.
     NeedMore(usize),
-    Forward,
+    /// Forward the frame, whose header and payload take this many bytes.
+    Forward(u64),
     /// The frame (this many bytes) is the awaited Pong.
     Consume(usize),
-}
-
-/// Decides whether the frame starting in `have` is a Pong carrying `expect`.
-fn judge(have: &[u8], expect: &[u8]) -> Judge {
-    if have.is_empty() {
-        return Judge::NeedMore(1);
-    }
-    if Opcode::from_u8(have[0]) != Opcode::Pong || have[0] & 0x80 == 0 {
-        return Judge::Forward;
-    }
-    if have.len() < 2 {
-        return Judge::NeedMore(2);
-    }
-    let len7 = usize::from(have[1] & 0x7f);
-    let masked = have[1] & 0x80 != 0;
-    if len7 != expect.len() || len7 > 125 {
-        return Judge::Forward;
-    }
-    let hlen = 2 + if masked { 4 } else { 0 };
-    let total = hlen + len7;
-    debug_assert!(total <= MAX_HEADER_LEN + 125);
-    if have.len() < total {
-        return Judge::NeedMore(total);
-    }
-    let mut p = have[hlen..total].to_vec();
-    if masked {
-        unmask(&mut p, [have[2], have[3], have[4], have[5]], 0);
-    }
-    if p == expect {
-        Judge::Consume(total)
-    } else {
-        Judge::Forward
-    }
+    /// The policy refuses the frame.
+    Violate(Violation),
 }
 
 #[cfg(test)]
@@ -588,7 +718,7 @@ mod tests {
     #[test]
     fn passes_bytes_unchanged() {
         let s = stream();
-        let mut f = Flow::new(Capture::default());
+        let mut f = Flow::new(Capture::default(), Policy::default(), 0);
         let mut c = Conn::new(vec![5, 0, 100, 1]);
         let ev = drive(&mut f, &mut c, &s, &[3, 50, 1], |_, _| {});
         assert_eq!(c.out, s);
@@ -598,12 +728,12 @@ mod tests {
     #[test]
     fn close_waits_for_the_frame_end_then_swallows() {
         let s = stream();
-        let mut f = Flow::new(Capture::default());
+        let mut f = Flow::new(Capture::default(), Policy::default(), 7);
         let mut c = Conn::new(vec![64, 0]);
         // Ask for the close while the 1000-byte frame is half read.
         let ev = drive(&mut f, &mut c, &s, &[100], |read, f| {
             if read == 900 {
-                f.request_close(1001, "idle timeout", Some([1, 1, 1, 1]));
+                f.request_close(1001, "idle timeout");
             }
         });
         let out = frames_of(&c.out);
@@ -622,11 +752,11 @@ mod tests {
     #[test]
     fn ping_is_injected_between_frames() {
         let s = stream();
-        let mut f = Flow::new(Capture::default());
+        let mut f = Flow::new(Capture::default(), Policy::default(), 0);
         let mut c = Conn::new(vec![]);
         drive(&mut f, &mut c, &s, &[10], |read, f| {
             if read == 20 {
-                f.request_ping(b"ngx-ws-1".to_vec(), None);
+                f.request_ping(b"ngx-ws-1".to_vec());
             }
         });
         let out = frames_of(&c.out);
@@ -656,7 +786,7 @@ mod tests {
             false,
         ));
         for reads in [vec![1], vec![3], vec![100]] {
-            let mut f = Flow::new(Capture::default());
+            let mut f = Flow::new(Capture::default(), Policy::default(), 0);
             f.watch_pong = Some(b"ngx-ws-7".to_vec());
             let mut c = Conn::new(vec![2, 0, 50]);
             let ev = drive(&mut f, &mut c, &s, &reads, |_, _| {});
@@ -670,8 +800,201 @@ mod tests {
         }
     }
 
+    fn policy_flow(policy: Policy) -> Flow {
+        Flow::new(Capture::default(), policy, 0)
+    }
+
+    #[test]
+    fn oversized_frame_is_not_forwarded() {
+        let policy = Policy {
+            max_frame: 300,
+            expect_masked: true,
+            ..Policy::default()
+        };
+        // 300-byte text passes, the 1000-byte binary is refused before any byte of it.
+        for reads in [vec![1], vec![5], vec![2000]] {
+            let s = stream();
+            let mut f = policy_flow(policy);
+            let mut c = Conn::new(vec![3, 0, 1000]);
+            drive(&mut f, &mut c, &s, &reads, |_, _| {});
+            let out = frames_of(&c.out);
+            let ops: Vec<Opcode> = out.iter().map(|o| o.0).collect();
+            assert_eq!(ops, [Opcode::Text, Opcode::Close], "{reads:?}");
+            assert_eq!(&out[1].1[..2], &1001u16.to_be_bytes());
+            assert_eq!(f.violation, Some(Violation::TooBig));
+            // The refused frame and what follows are swallowed, still observed.
+            assert_eq!(f.obs.frames, 3);
+        }
+    }
+
+    #[test]
+    fn message_limit_counts_fragments() {
+        let m = Some([1, 2, 3, 4]);
+        let mut s = build_frame(false, Opcode::Text, m, &[b'a'; 60], false);
+        s.extend(build_frame(true, Opcode::Ping, m, b"p", false));
+        s.extend(build_frame(
+            false,
+            Opcode::Continuation,
+            m,
+            &[b'b'; 40],
+            false,
+        ));
+        let fits = s.clone();
+        s.extend(build_frame(
+            true,
+            Opcode::Continuation,
+            m,
+            &[b'c'; 1],
+            false,
+        ));
+        let limit = |max| Policy {
+            max_message: max,
+            ..Policy::default()
+        };
+        // 101 bytes in three fragments: over a 100-byte limit at the last fragment.
+        let mut f = policy_flow(limit(100));
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &s, &[7], |_, _| {});
+        assert_eq!(f.violation, Some(Violation::TooBig));
+        assert_eq!(&c.out[..fits.len()], &fits[..]);
+        assert_eq!(frames_of(&c.out).last().map(|o| o.0), Some(Opcode::Close));
+        // At exactly the limit it passes.
+        let mut f = policy_flow(limit(101));
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &s, &[7], |_, _| {});
+        assert_eq!(f.violation, None);
+        assert_eq!(c.out, s);
+    }
+
+    #[test]
+    fn protocol_violations() {
+        let check = Policy {
+            protocol_check: true,
+            expect_masked: true,
+            rsv_allowed: 0,
+            ..Policy::default()
+        };
+        let m = Some([1, 1, 1, 1]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "rsv1 without extension",
+                build_frame(true, Opcode::Text, m, b"x", true),
+            ),
+            (
+                "reserved opcode",
+                build_frame(true, Opcode::Reserved(3), m, b"x", false),
+            ),
+            (
+                "reserved control opcode",
+                build_frame(true, Opcode::Reserved(0xb), m, b"", false),
+            ),
+            (
+                "long ping",
+                build_frame(true, Opcode::Ping, m, &[0; 126], false),
+            ),
+            (
+                "fragmented ping",
+                build_frame(false, Opcode::Ping, m, b"x", false),
+            ),
+            (
+                "orphan continuation",
+                build_frame(true, Opcode::Continuation, m, b"x", false),
+            ),
+            (
+                "unmasked client frame",
+                build_frame(true, Opcode::Text, None, b"x", false),
+            ),
+            (
+                "one-byte close",
+                build_frame(true, Opcode::Close, m, b"x", false),
+            ),
+            ("new message inside a message", {
+                let mut v = build_frame(false, Opcode::Text, m, b"x", false);
+                v.extend(build_frame(true, Opcode::Text, m, b"y", false));
+                v
+            }),
+        ];
+        for (name, s) in cases {
+            let mut f = policy_flow(check);
+            let mut c = Conn::new(vec![]);
+            drive(&mut f, &mut c, &s, &[3], |_, _| {});
+            assert_eq!(f.violation, Some(Violation::Protocol), "{name}");
+            let out = frames_of(&c.out);
+            assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close), "{name}");
+        }
+        // Negotiated permessage-deflate allows RSV1 on a message's first frame only.
+        let deflate = Policy {
+            rsv_allowed: 4,
+            ..check
+        };
+        let ok = build_frame(true, Opcode::Text, m, b"x", true);
+        let mut f = policy_flow(deflate);
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &ok, &[3], |_, _| {});
+        assert_eq!((f.violation, c.out), (None, ok));
+        // Server frames must not be masked.
+        let server = Policy {
+            expect_masked: false,
+            ..check
+        };
+        let mut f = policy_flow(server);
+        let mut c = Conn::new(vec![]);
+        drive(
+            &mut f,
+            &mut c,
+            &build_frame(true, Opcode::Text, m, b"x", false),
+            &[9],
+            |_, _| {},
+        );
+        assert_eq!(f.violation, Some(Violation::Protocol));
+    }
+
+    #[test]
+    fn frames_in_one_buffer_are_judged_one_by_one() {
+        // Two fragmented messages arriving in one buffer, written by a connection that takes
+        // everything: the second message's last fragment still crosses the limit.
+        let m = Some([1, 2, 3, 4]);
+        let mut s = Vec::new();
+        let parts = [
+            (Opcode::Text, false, 400),
+            (Opcode::Continuation, false, 400),
+            (Opcode::Continuation, true, 200),
+            (Opcode::Text, false, 400),
+            (Opcode::Continuation, false, 400),
+            (Opcode::Continuation, true, 201),
+        ];
+        for (op, fin, n) in parts {
+            s.extend(build_frame(fin, op, m, &vec![b'a'; n], false));
+        }
+        let mut f = policy_flow(Policy {
+            max_message: 1000,
+            expect_masked: true,
+            ..Policy::default()
+        });
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &s, &[s.len()], |_, _| {});
+        assert_eq!(f.violation, Some(Violation::TooBig));
+        assert_eq!(frames_of(&c.out).len(), 6, "five fragments and the Close");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
+        /// With a frame limit, no read split or write pattern lets a byte of the oversized
+        /// frame through.
+        #[test]
+        fn limits_hold_under_any_split(
+            reads in proptest::collection::vec(1usize..2000, 1..6),
+            caps in proptest::collection::vec(1usize..2000, 1..6),
+        ) {
+            let s = stream();
+            let mut f = policy_flow(Policy { max_frame: 500, expect_masked: true, ..Policy::default() });
+            let mut c = Conn::new(caps);
+            drive(&mut f, &mut c, &s, &reads, |_, _| {});
+            let out = frames_of(&c.out);
+            let ops: Vec<Opcode> = out.iter().map(|o| o.0).collect();
+            prop_assert_eq!(ops, vec![Opcode::Text, Opcode::Close]);
+        }
+
         /// Any read split, any partial-write pattern, an injection at any moment: the output is
         /// whole frames, the peer's frames before the Close are exactly the input's, in order.
         #[test]
@@ -684,11 +1007,11 @@ mod tests {
             let s = stream();
             let mut caps = caps;
             if caps.iter().all(|&c| c == 0) { caps.push(1); }
-            let mut f = Flow::new(Capture::default());
+            let mut f = Flow::new(Capture::default(), Policy::default(), 0);
             let mut c = Conn::new(caps);
             drive(&mut f, &mut c, &s, &reads, |read, f| {
-                if read >= ping_at && read < ping_at + 400 { f.request_ping(b"p".to_vec(), None); }
-                if read >= close_at { f.request_close(1001, "x", None); }
+                if read >= ping_at && read < ping_at + 400 { f.request_ping(b"p".to_vec()); }
+                if read >= close_at { f.request_close(1001, "x"); }
             });
             let out = frames_of(&c.out);
             let input = frames_of(&s);

@@ -208,6 +208,15 @@ impl Parser {
     }
 }
 
+/// Decodes the header at the start of `b`, or says how many bytes are needed for it.
+pub fn peek_header(b: &[u8]) -> Result<FrameHeader, usize> {
+    let need = header_len(b);
+    if b.len() < need || b.len() < 2 {
+        return Err(need.max(2));
+    }
+    Ok(decode_header(&b[..need]))
+}
+
 /// How long the header is, judging from the bytes seen so far (a lower bound until the second
 /// byte is known).
 fn header_len(seen: &[u8]) -> usize {

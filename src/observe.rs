@@ -86,6 +86,11 @@ impl Direction {
         self.parser.at_boundary()
     }
 
+    /// The data message in progress, if a fragmented one has started: its type and length so far.
+    pub fn message_in_progress(&self) -> Option<(Opcode, u64)> {
+        self.msg.as_ref().map(|m| (m.kind, m.len))
+    }
+
     /// Whether a data frame's payload is passing right now.
     pub fn in_data_frame(&self) -> bool {
         self.parser.current().is_some_and(|h| h.opcode.is_data())

@@ -23,7 +23,7 @@ use ngx::http::Request;
 use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
-use crate::flow::{Event, Flow, Sent, Sink, Write};
+use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
@@ -245,6 +245,13 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             (*client_conn).log,
         )
     };
+    let policy = Policy {
+        max_frame: lcf.max_frame as u64,
+        max_message: lcf.max_message as u64,
+        protocol_check: lcf.protocol_check == 1,
+        expect_masked: true,
+        rsv_allowed: rsv_allowed(extensions.as_deref()),
+    };
     let now = now_msec();
     let timers = Timers {
         idle: lcf.idle_timeout,
@@ -262,8 +269,15 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         client_send,
         upstream_send,
         finalize: u.finalize_request,
-        to_upstream: Flow::new(capture),
-        to_client: Flow::new(capture),
+        to_upstream: Flow::new(capture, policy, (ngx_random() as u32) | 1),
+        to_client: Flow::new(
+            capture,
+            Policy {
+                expect_masked: false,
+                ..policy
+            },
+            0,
+        ),
         rec: Recorder {
             log: lcf.log_file(),
             events: lcf.events,
@@ -364,8 +378,26 @@ fn now_text() -> String {
     format_time(tp.sec, tp.msec as u32)
 }
 
-fn random_mask() -> [u8; 4] {
-    (ngx_random() as u32).to_ne_bytes()
+/// RSV bits the extensions negotiated in the 101 may use: permessage-deflate uses RSV1; for
+/// any other extension the proxy cannot know, so all are allowed.
+fn rsv_allowed(extensions: Option<&str>) -> u8 {
+    let Some(e) = extensions else { return 0 };
+    let names: Vec<&str> = e
+        .split(',')
+        .filter_map(|x| x.split(';').next())
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect();
+    if names.is_empty() {
+        0
+    } else if names
+        .iter()
+        .all(|n| n.eq_ignore_ascii_case("permessage-deflate"))
+    {
+        4
+    } else {
+        7
+    }
 }
 
 fn non_empty(s: &ngx_str_t) -> Option<String> {
@@ -667,6 +699,7 @@ impl Tunnel {
         });
         let closed_now = !had_close && flow.obs.close_sent;
         let mid_data = flow.obs.in_data_frame();
+        let violation = flow.violation.take();
         if let Sent::Consumed(n) = sent {
             if n > 0 && from == From::Client {
                 self.last_client_rx = now;
@@ -681,6 +714,9 @@ impl Tunnel {
         }
         if closed_now && self.first_close.is_none() {
             self.first_close = Some(from);
+        }
+        if let Some(v) = violation {
+            self.refused(now, from, v);
         }
         if self.closing.is_some() && self.handshake_done() {
             // Never finalize inside send: nginx's copy loop still uses the request.
@@ -799,29 +835,67 @@ impl Tunnel {
         self.ping_seq = self.ping_seq.wrapping_add(1);
         let payload = format!("{PING_PREFIX}{}", self.ping_seq).into_bytes();
         self.to_upstream.watch_pong = Some(payload.clone());
-        self.to_client.request_ping(payload, None);
+        self.to_client.request_ping(payload);
         self.ping_sent = Some(now);
         self.flush_own();
     }
 
     /// The proxy closes the tunnel: Close to both peers at their next frame boundary.
     fn begin_close(&mut self, now: ngx_msec_t, end: End, code: u16, reason: &'static str) {
+        self.close_both(now, end, (code, reason), (code, reason), (code, reason));
+    }
+
+    /// A peer sent a frame the policy refused: the sender gets 1009/1002, the other peer 1001.
+    fn refused(&mut self, now: ngx_msec_t, from: From, v: Violation) {
+        let end = match v {
+            Violation::TooBig => End::TooBig,
+            Violation::Protocol => End::ProtocolError,
+        };
+        let (sender, peer) = (v.sender_close(), v.peer_close());
+        // SAFETY: the client connection is live while the tunnel is.
+        let log = unsafe { (*self.client_conn).log };
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "ws: {} sent a frame refused by {}, closing with {}",
+            from.as_str(),
+            if v == Violation::TooBig {
+                "a size limit"
+            } else {
+                "ws_protocol_check"
+            },
+            sender.0
+        );
+        match from {
+            From::Client => self.close_both(now, end, sender, peer, sender),
+            _ => self.close_both(now, end, peer, sender, sender),
+        }
+    }
+
+    fn close_both(
+        &mut self,
+        now: ngx_msec_t,
+        end: End,
+        to_client: (u16, &'static str),
+        to_upstream: (u16, &'static str),
+        recorded: (u16, &'static str),
+    ) {
         if self.closing.is_some() {
             return;
         }
         self.closing = Some(Closing {
             since: now,
             end,
-            code,
-            reason,
+            code: recorded.0,
+            reason: recorded.1,
         });
-        self.to_client.request_close(code, reason, None);
-        self.to_upstream
-            .request_close(code, reason, Some(random_mask()));
+        self.to_client.request_close(to_client.0, to_client.1);
+        self.to_upstream.request_close(to_upstream.0, to_upstream.1);
         self.flush_own();
         if self.handshake_done() {
             self.post_tick();
         }
+        self.arm(now);
     }
 
     /// Writes what the proxy has pending in each direction, unless a write there must first be

@@ -304,7 +304,8 @@ pub struct Seen {
     pub pings: usize,
 }
 
-/// A tokio-tungstenite upstream. By path: `/close` answers the first message with Close 4002
+/// A tokio-tungstenite upstream. By path: `/grow` answers with the message twice over;
+/// `/close` answers the first message with Close 4002
 /// "server bye"; `/abort` drops the TCP connection after the first message; `/silent` never
 /// answers; anything else echoes.
 pub struct Echo {
@@ -354,6 +355,16 @@ pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mu
                             .await;
                     }
                     "/abort" => return,
+                    "/grow" => {
+                        let grown = match &msg {
+                            Message::Text(t) => Message::Text(t.repeat(2)),
+                            Message::Binary(b) => Message::Binary(b.repeat(2)),
+                            _ => unreachable!(),
+                        };
+                        if ws.send(grown).await.is_err() {
+                            return;
+                        }
+                    }
                     "/silent" => {}
                     _ => {
                         if ws.send(msg).await.is_err() {

@@ -1,30 +1,70 @@
 # shellcheck shell=bash
-# Installs what building the module needs, from Debian's packages only.
+# What building and testing the module needs, installed from Debian's packages (and PyPI for
+# the Python test peer). Sourced by scripts/demo and scripts/test.
 
 BUILD_PACKAGES=(build-essential pkg-config libssl-dev libpcre2-dev zlib1g-dev libclang-dev clang)
 
-install_build_deps() {
-    local missing=()
-    local p
-    for p in "${BUILD_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
-            || missing+=("$p")
+deps_say() {
+    printf '\033[1m%s:\033[0m %s\n' "${0##*/}" "$*" >&2
+}
+
+# Installs the missing Debian packages given as arguments (as root, or through sudo).
+install_packages() {
+    if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+        deps_say "no apt-get here: make sure these are installed: $*"
+        return 0
+    fi
+    local missing=() pkg status sudo=()
+    for pkg in "$@"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+        [[ "$status" == installed ]] || missing+=("$pkg")
     done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        if [ "$(id -u)" -ne 0 ]; then
-            echo "missing packages: ${missing[*]} (run as root, or install them)" >&2
+    ((${#missing[@]})) || return 0
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || {
+            deps_say "missing packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}"
             exit 1
-        fi
-        echo "== installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        }
+        sudo=(sudo)
     fi
-    if ! command -v cargo >/dev/null 2>&1; then
-        if [ -x "$HOME/.cargo/bin/cargo" ]; then
-            export PATH="$HOME/.cargo/bin:$PATH"
-        else
-            echo "cargo not found: install a stable Rust toolchain (https://rustup.rs) first" >&2
-            exit 1
-        fi
+    deps_say "installing ${missing[*]}"
+    "${sudo[@]}" apt-get update
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends \
+        "${missing[@]}"
+}
+
+# Build packages, and cargo on PATH (rustup installs into ~/.cargo/bin).
+install_build_deps() {
+    install_packages "${BUILD_PACKAGES[@]}"
+    if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+        PATH=$HOME/.cargo/bin:$PATH
     fi
+    if ! command -v cargo >/dev/null; then
+        cat >&2 <<'MSG'
+cargo (Rust) is not installed. Install Rust with rustup (https://rustup.rs):
+
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh
+    . "$HOME/.cargo/env"
+
+then run this command again.
+MSG
+        exit 1
+    fi
+}
+
+# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server).
+install_test_deps() {
+    if ! command -v python3 >/dev/null; then
+        install_packages python3 python3-pip
+    fi
+    if ! python3 -c 'import websockets' 2>/dev/null; then
+        deps_say "installing the Python websockets package (PyPI)"
+        python3 -m pip install --quiet 'websockets>=12' 2>/dev/null \
+            || python3 -m pip install --quiet --break-system-packages 'websockets>=12' \
+            || install_packages python3-websockets
+    fi
+    python3 -c 'import websockets' || {
+        deps_say "python3 cannot import websockets"
+        exit 1
+    }
 }

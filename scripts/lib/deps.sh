@@ -59,8 +59,8 @@ install_test_deps() {
     fi
     if ! python3 -c 'import websockets' 2>/dev/null; then
         deps_say "installing the Python websockets package (PyPI)"
-        python3 -m pip install --quiet 'websockets>=12' 2>/dev/null \
-            || python3 -m pip install --quiet --break-system-packages 'websockets>=12' \
+        python3 -m pip install --quiet 'websockets>=14' 2>/dev/null \
+            || python3 -m pip install --quiet --break-system-packages 'websockets>=14' \
             || install_packages python3-websockets
     fi
     python3 -c 'import websockets' || {

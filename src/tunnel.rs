@@ -504,13 +504,8 @@ unsafe extern "C" fn ngx_http_ws_send_client(
     buf: *mut u8,
     size: usize,
 ) -> isize {
-    // SAFETY: installed only on a tracked tunnel's client connection.
-    let Some(t) = (unsafe { tunnel_of(c) }) else {
-        return NGX_ERROR as isize;
-    };
-    // SAFETY: nginx passes `size` readable bytes at `buf`.
-    let data = unsafe { core::slice::from_raw_parts(buf, size) };
-    t.send(From::Upstream, data)
+    // SAFETY: installed only on a tracked tunnel's client connection, called by nginx.
+    unsafe { send_through(c, buf, size, From::Upstream) }
 }
 
 /// `send` of the upstream connection: client -> upstream bytes.
@@ -519,13 +514,20 @@ unsafe extern "C" fn ngx_http_ws_send_upstream(
     buf: *mut u8,
     size: usize,
 ) -> isize {
-    // SAFETY: installed only on a tracked tunnel's upstream connection.
+    // SAFETY: installed only on a tracked tunnel's upstream connection, called by nginx.
+    unsafe { send_through(c, buf, size, From::Client) }
+}
+
+/// # Safety
+/// `c` is one of a tracked tunnel's connections; `buf` has `size` readable bytes.
+unsafe fn send_through(c: *mut ngx_connection_t, buf: *mut u8, size: usize, from: From) -> isize {
+    // SAFETY: per the contract.
     let Some(t) = (unsafe { tunnel_of(c) }) else {
         return NGX_ERROR as isize;
     };
-    // SAFETY: nginx passes `size` readable bytes at `buf`.
+    // SAFETY: per the contract.
     let data = unsafe { core::slice::from_raw_parts(buf, size) };
-    t.send(From::Client, data)
+    t.send(from, data)
 }
 
 /// Replaces the upstream module's `finalize_request`: the tunnel is over.

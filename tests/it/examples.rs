@@ -1,10 +1,8 @@
 //! Every configuration in nginx-conf/ starts, and a real client gets through it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::Connector;
 
@@ -88,17 +86,8 @@ async fn wss_conf() {
             ("certs/server.key", &ck.key_pair.serialize_pem()),
         ],
     );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let url = format!("wss://localhost:{port}/wss");
-    echo_once(&url, Some(Connector::Rustls(Arc::new(cfg)))).await;
+    echo_once(&url, Some(tls_trusting(ck.cert.der()))).await;
     let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
     assert_eq!(of_event(&recs, "message").len(), 2);
 }

@@ -399,6 +399,23 @@ pub async fn connect(
     ws
 }
 
+/// A TLS connector trusting one (self-signed) certificate.
+pub fn tls_trusting(
+    der: &tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+) -> tokio_tungstenite::Connector {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.clone()).expect("certificate");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_tungstenite::Connector::Rustls(Arc::new(cfg))
+}
+
 /// Records of one event type.
 pub fn of_event<'a>(recs: &'a [Value], event: &str) -> Vec<&'a Value> {
     recs.iter().filter(|r| r["event"] == event).collect()

@@ -92,15 +92,8 @@ async fn wss_terminated_by_nginx() {
         ],
     );
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let url = format!("wss://localhost:{port}/wss");
-    exchange_and_check(&url, Some(Connector::Rustls(Arc::new(cfg))), &ngx).await;
+    exchange_and_check(&url, Some(tls_trusting(&cert.der)), &ngx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,18 +150,11 @@ async fn idle_timeout_over_wss() {
             ("certs/server.key", &cert.key),
         ],
     );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
         format!("wss://localhost:{port}/"),
         Some(ws_config()),
         false,
-        Some(Connector::Rustls(Arc::new(cfg))),
+        Some(tls_trusting(&cert.der)),
     )
     .await
     .unwrap();

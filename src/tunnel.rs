@@ -569,7 +569,7 @@ impl Recorder {
         if want == 0 || self.log.is_none() {
             return;
         }
-        let time = time.get_or_insert_with(now_text).clone();
+        let time: &str = time.get_or_insert_with(now_text);
         match e {
             Event::Peer(Observed::Frame(f)) if want & events::FRAME != 0 => {
                 let h = f.header;
@@ -579,7 +579,7 @@ impl Recorder {
                     truncated: f.truncated,
                 });
                 let rec = FrameRecord {
-                    time: &time,
+                    time,
                     event: "frame",
                     conn: self.conn,
                     request_id: self.request_id.as_deref(),
@@ -606,7 +606,7 @@ impl Recorder {
                     truncated: m.truncated,
                 });
                 let rec = MessageRecord {
-                    time: &time,
+                    time,
                     event: "message",
                     conn: self.conn,
                     request_id: self.request_id.as_deref(),
@@ -632,7 +632,7 @@ impl Recorder {
                 reason,
             } if want & events::FRAME != 0 => {
                 let rec = FrameRecord {
-                    time: &time,
+                    time,
                     event: "frame",
                     conn: self.conn,
                     request_id: self.request_id.as_deref(),

@@ -1,0 +1,131 @@
+//! The flow shaper under any input, read split, write pattern, policy and injection moment:
+//! no panic, the output is whole frames, the peer frames in it are exactly the input's first
+//! frames, and a retry after "again" always repeats the same bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use nginx_ws_fuzz::flow::{Flow, Policy, Sent, Sink, Write};
+use nginx_ws_fuzz::frame::{unmask, Event, Opcode, Parser};
+use nginx_ws_fuzz::observe::Capture;
+
+struct Conn {
+    out: Vec<u8>,
+    caps: Vec<u8>,
+    i: usize,
+    again: Option<(usize, usize)>,
+}
+
+impl Sink for Conn {
+    fn write(&mut self, data: &[u8]) -> Write {
+        if let Some((ptr, len)) = self.again.take() {
+            assert_eq!(ptr, data.as_ptr() as usize);
+            assert!(data.len() >= len);
+        }
+        let cap = usize::from(self.caps[self.i % self.caps.len()]);
+        self.i += 1;
+        if cap == 0 && self.i % 7 != 0 {
+            self.again = Some((data.as_ptr() as usize, data.len()));
+            return Write::Again;
+        }
+        let n = cap.max(1).min(data.len());
+        self.out.extend_from_slice(&data[..n]);
+        Write::Done(n)
+    }
+}
+
+/// Frames of a stream: (opcode, unmasked payload); only whole frames.
+fn frames(stream: &[u8]) -> (Vec<(Opcode, Vec<u8>)>, bool) {
+    let mut p = Parser::new();
+    let mut out = Vec::new();
+    let mut cur: Option<(Option<[u8; 4]>, Opcode, Vec<u8>)> = None;
+    p.feed(stream, |ev| match ev {
+        Event::Header(h) => cur = Some((h.mask, h.opcode, Vec::new())),
+        Event::Payload { offset, data } => {
+            if let Some((m, _, b)) = cur.as_mut() {
+                let mut d = data.to_vec();
+                if let Some(m) = m {
+                    unmask(&mut d, *m, offset);
+                }
+                b.extend(d);
+            }
+        }
+        Event::End => {
+            if let Some((_, op, b)) = cur.take() {
+                out.push((op, b));
+            }
+        }
+    });
+    (out, p.at_boundary())
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 12 {
+        return;
+    }
+    let (head, input) = data.split_at(12);
+    let policy = Policy {
+        max_frame: u64::from(head[0]) * 4,
+        max_message: u64::from(head[1]) * 8,
+        protocol_check: head[2] & 1 == 1,
+        expect_masked: head[2] & 2 == 2,
+        rsv_allowed: head[3] & 7,
+    };
+    let mut flow = Flow::new(Capture { payload: usize::from(head[4]), deflate: head[3] & 8 == 8 }, policy, u32::from(head[5]));
+    if head[6] & 1 == 1 {
+        flow.watch_pong = Some(b"ngx-ws-ping-1".to_vec());
+    }
+    let read = usize::from(head[7]).max(1);
+    let close_at = usize::from(head[8]) * 8;
+    let ping_at = usize::from(head[9]) * 8;
+    let mut conn = Conn { out: Vec::new(), caps: head[10..12].to_vec(), i: 0, again: None };
+    let mut buf: Vec<u8> = Vec::with_capacity(input.len());
+    let (mut pos, mut got) = (0, 0);
+    let mut spins = 0;
+    while got < input.len() || pos < buf.len() || flow.has_pending() {
+        if got < input.len() {
+            let n = read.min(input.len() - got);
+            buf.extend_from_slice(&input[got..got + n]);
+            got += n;
+            if got >= ping_at && got < ping_at + read {
+                flow.request_ping(b"ngx-ws-ping-2".to_vec());
+            }
+            if got >= close_at && head[8] != 0 {
+                flow.request_close(1001, "idle timeout");
+            }
+        }
+        match flow.send(&buf[pos..], &mut conn, &mut |_| {}) {
+            Sent::Consumed(n) => pos += n,
+            Sent::Again => {}
+            Sent::Error => unreachable!(),
+        }
+        spins += 1;
+        if spins > 100_000 {
+            panic!("no progress");
+        }
+    }
+    let (out, whole) = frames(&conn.out);
+    assert!(whole, "output ends inside a frame");
+    let (inp, _) = frames(input);
+    // Peer frames in the output are the input's frames in order, minus consumed pongs.
+    let peer: Vec<_> = out
+        .iter()
+        .filter(|(op, p)| {
+            !(matches!(op, Opcode::Ping) && p.starts_with(b"ngx-ws-ping-2"))
+                && !(matches!(op, Opcode::Close) && p.ends_with(b"idle timeout"))
+                && !(matches!(op, Opcode::Close) && (p.ends_with(b"message too big") || p.ends_with(b"protocol error")))
+        })
+        .collect();
+    let mut k = 0;
+    for f in &inp {
+        if k == peer.len() {
+            break;
+        }
+        if *f == *peer[k] {
+            k += 1;
+        } else {
+            // Only a consumed pong may be missing.
+            assert!(f.0 == Opcode::Pong && f.1 == b"ngx-ws-ping-1", "unexpected frame in output");
+        }
+    }
+    assert_eq!(k, peer.len(), "output has frames the input did not");
+});

@@ -1,0 +1,68 @@
+//! Records built from any payload bytes and flags are valid single-line JSON with the fields
+//! the specification lists.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use nginx_ws_fuzz::frame::Opcode;
+use nginx_ws_fuzz::record::{write_line, FrameRecord, From, MessageRecord, OpcodeField, PayloadField};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let (head, payload) = data.split_at(4);
+    let text = head[0] & 1 == 1;
+    let truncated = head[0] & 2 == 2;
+    let p = PayloadField { text, bytes: payload, truncated };
+    let reason = String::from_utf8_lossy(payload);
+    let rec = FrameRecord {
+        time: "2026-11-23T22:00:00.000Z",
+        event: "frame",
+        conn: u64::from(head[1]),
+        request_id: None,
+        from: From::Client,
+        opcode: OpcodeField(Opcode::from_u8(head[2])),
+        fin: head[3] & 1 == 1,
+        rsv1: head[3] & 2 == 2,
+        rsv2: head[3] & 4 == 4,
+        rsv3: head[3] & 8 == 8,
+        masked: true,
+        len: payload.len() as u64,
+        payload: Some(p),
+        payload_truncated: Some(truncated),
+        code: Some(u16::from(head[1])),
+        reason: Some(&reason),
+    };
+    let mut out = Vec::new();
+    write_line(&mut out, &rec).unwrap();
+    assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["event"], "frame");
+    assert!(v["payload"].is_string());
+    if !text {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(v["payload"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(b, payload);
+    } else if !truncated {
+        assert_eq!(v["payload"].as_str().unwrap(), String::from_utf8_lossy(payload));
+    }
+    let m = MessageRecord {
+        time: "t",
+        event: "message",
+        conn: 1,
+        request_id: Some(&reason),
+        from: From::Upstream,
+        kind: "text",
+        len: payload.len() as u64,
+        frames: 1,
+        compressed: false,
+        payload: Some(p),
+        payload_truncated: Some(truncated),
+    };
+    out.clear();
+    write_line(&mut out, &m).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["request_id"].as_str().unwrap(), reason);
+});

@@ -10,6 +10,7 @@ pub mod flow;
 pub mod frame;
 pub mod observe;
 pub mod record;
+pub mod route;
 
 // The nginx-facing glue is left out of the unit-test binary, which cannot link nginx's symbols;
 // the integration tests in tests/ exercise it inside a real nginx.

@@ -4,6 +4,7 @@
 mod config;
 mod harness;
 mod logfile;
+mod route;
 mod timeouts;
 mod tls;
 mod tunnel;

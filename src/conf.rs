@@ -49,10 +49,10 @@ pub enum ConfError {
     ArgCount(&'static str),
     #[error("\"ws_route default\" is duplicate")]
     DuplicateDefault,
-    #[error("\"{directive}\" regex \"{pattern}\": {err}")]
+    /// nginx's PCRE message names the pattern.
+    #[error("\"{directive}\": {err}")]
     Regex {
         directive: &'static str,
-        pattern: String,
         err: String,
     },
     #[error("\"{0}\": using regex requires PCRE library")]
@@ -210,7 +210,6 @@ unsafe fn compile_regex(
     if unsafe { ngx_regex_compile(&mut rc) } != ngx::ffi::NGX_OK as ngx_int_t {
         return Err(ConfError::Regex {
             directive,
-            pattern: pattern.to_string(),
             err: text(&rc.err),
         });
     }

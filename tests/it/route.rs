@@ -745,7 +745,7 @@ fn configuration_errors() {
     );
     fails(
         &server("ws_route ~^/(chat chat;"),
-        "\"ws_route\" regex \"^/(chat\": pcre2_compile() failed",
+        "\"ws_route\": pcre2_compile() failed: missing closing parenthesis in \"^/(chat\"",
     );
     fails(
         &server("ws_route /a chat proto=x;"),
@@ -789,7 +789,7 @@ fn configuration_errors() {
     );
     fails(
         &server("ws_allow_origin \"~^(x\";"),
-        "\"ws_allow_origin\" regex \"^(x\"",
+        "\"ws_allow_origin\": pcre2_compile() failed: missing closing parenthesis in \"^(x\"",
     );
     fails(
         &server("ws_allow_origin *; ws_allow_origin https://a.b;"),

@@ -7,13 +7,14 @@ use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
     ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    NGX_CONF_2MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::log::LogFile;
+use crate::route::{self, OriginRule, OriginSpec, Origins, Routes, Rule, RuleSpec};
 
 /// nginx's `NGX_CONF_UNSET_SIZE`.
 const NGX_CONF_UNSET_SIZE: usize = usize::MAX;
@@ -44,6 +45,20 @@ pub enum ConfError {
     LogConflict(String),
     #[error("\"ws_log\" \"{0}\" cannot share its file with a buffered log of another module")]
     LogShared(String),
+    #[error("invalid number of arguments in \"{0}\" directive")]
+    ArgCount(&'static str),
+    #[error("\"ws_route default\" is duplicate")]
+    DuplicateDefault,
+    /// nginx's PCRE message names the pattern.
+    #[error("\"{directive}\": {err}")]
+    Regex {
+        directive: &'static str,
+        err: String,
+    },
+    #[error("\"{0}\": using regex requires PCRE library")]
+    NoPcre(&'static str),
+    #[error("ws_route: no upstream \"{0}\" defined")]
+    NoUpstream(String),
     #[error("out of memory")]
     NoMemory,
 }
@@ -88,6 +103,22 @@ pub struct MainConf {
     pub drain_used: bool,
     /// This worker's tunnels that drain on shutdown, and the shutdown watcher.
     pub drain: crate::tunnel::DrainList,
+    /// Some scope has `ws_route`, `ws_allow_origin` or `ws_handshake strict`: the request gate
+    /// (a preaccess phase handler) is installed.
+    pub gate_used: bool,
+    /// Every upstream name `ws_route` refers to, with where, checked once http{} is parsed.
+    pub route_upstreams: Vec<UpstreamRef>,
+    /// Indices of `$ws_route` and `$ws_upstream` (when `ws_route` is used).
+    pub route_index: ngx_int_t,
+    pub upstream_index: ngx_int_t,
+}
+
+/// An upstream name in a `ws_route`, and the directive's place in the configuration.
+#[derive(Debug)]
+pub struct UpstreamRef {
+    pub name: String,
+    pub file: String,
+    pub line: ngx_uint_t,
 }
 
 impl Default for MainConf {
@@ -97,8 +128,106 @@ impl Default for MainConf {
             logs: Vec::new(),
             drain_used: false,
             drain: crate::tunnel::DrainList::default(),
+            gate_used: false,
+            route_upstreams: Vec::new(),
+            route_index: NGX_ERROR as ngx_int_t,
+            upstream_index: NGX_ERROR as ngx_int_t,
         }
     }
+}
+
+/// A regex compiled by nginx's PCRE (`ngx_regex_compile`), in the configuration pool.
+#[cfg(ngx_feature = "pcre")]
+#[derive(Debug, Clone, Copy)]
+pub struct NgxRegex(NonNull<ngx::ffi::ngx_regex_t>);
+
+/// Without PCRE no regex can be configured.
+#[cfg(not(ngx_feature = "pcre"))]
+#[derive(Debug, Clone, Copy)]
+pub struct NgxRegex(core::convert::Infallible);
+
+impl route::Matcher for NgxRegex {
+    #[cfg(ngx_feature = "pcre")]
+    fn is_match(&self, s: &[u8]) -> bool {
+        let mut s = ngx_str_t {
+            len: s.len(),
+            data: s.as_ptr().cast_mut(),
+        };
+        // SAFETY: the regex was compiled at configuration time and lives in the configuration
+        // pool; ngx_regex_exec only reads `s` and, with no captures requested, writes nothing.
+        let rc = unsafe { ngx::ffi::ngx_regex_exec(self.0.as_ptr(), &mut s, ptr::null_mut(), 0) };
+        // A match-limit or other PCRE error counts as no match.
+        rc >= 0
+    }
+
+    #[cfg(not(ngx_feature = "pcre"))]
+    fn is_match(&self, _s: &[u8]) -> bool {
+        match self.0 {}
+    }
+}
+
+/// Compiles a regex of `directive` with nginx's PCRE.
+///
+/// # Safety
+/// `cf` must be the configuration being parsed.
+#[cfg(ngx_feature = "pcre")]
+unsafe fn compile_regex(
+    cf: *mut ngx_conf_t,
+    directive: &'static str,
+    pattern: &str,
+    caseless: bool,
+) -> Result<NgxRegex, ConfError> {
+    use ngx::ffi::{ngx_pnalloc, ngx_regex_compile, ngx_regex_compile_t, NGX_MAX_CONF_ERRSTR};
+    // SAFETY: cf->pool is the configuration pool; PCRE1 wants the pattern NUL-terminated.
+    let data = unsafe { ngx_pnalloc((*cf).pool, pattern.len() + 1) }.cast::<u8>();
+    if data.is_null() {
+        return Err(ConfError::NoMemory);
+    }
+    // SAFETY: data has room for the pattern and the NUL.
+    unsafe {
+        ptr::copy_nonoverlapping(pattern.as_ptr(), data, pattern.len());
+        *data.add(pattern.len()) = 0;
+    }
+    let mut errstr = [0u8; NGX_MAX_CONF_ERRSTR as usize];
+    // SAFETY: a plain C struct for which all-zero is the initial state, as nginx's callers use.
+    let mut rc: ngx_regex_compile_t = unsafe { core::mem::zeroed() };
+    rc.pattern = ngx_str_t {
+        len: pattern.len(),
+        data,
+    };
+    // SAFETY: cf is valid during parsing.
+    rc.pool = unsafe { (*cf).pool };
+    rc.options = if caseless {
+        ngx::ffi::NGX_REGEX_CASELESS as ngx_uint_t
+    } else {
+        0
+    };
+    rc.err = ngx_str_t {
+        len: errstr.len(),
+        data: errstr.as_mut_ptr(),
+    };
+    // SAFETY: rc is fully set up; nginx writes the error text into errstr.
+    if unsafe { ngx_regex_compile(&mut rc) } != ngx::ffi::NGX_OK as ngx_int_t {
+        return Err(ConfError::Regex {
+            directive,
+            err: text(&rc.err),
+        });
+    }
+    NonNull::new(rc.regex)
+        .map(NgxRegex)
+        .ok_or(ConfError::NoMemory)
+}
+
+/// # Safety
+/// As the PCRE version.
+#[cfg(not(ngx_feature = "pcre"))]
+unsafe fn compile_regex(
+    _cf: *mut ngx_conf_t,
+    directive: &'static str,
+    _pattern: &str,
+    _caseless: bool,
+) -> Result<NgxRegex, ConfError> {
+    Err(ConfError::NoPcre(directive))
 }
 
 /// A time directive's value: unset, `off` (0) or milliseconds.
@@ -122,6 +251,12 @@ pub struct LocConf {
     pub max_message: usize,
     /// `ws_protocol_check`: 0 off, 1 on, unset.
     pub protocol_check: usize,
+    /// `ws_route` rules of the nearest scope that has any (`None`: no routing here).
+    pub routes: Option<Routes<NgxRegex>>,
+    /// `ws_allow_origin` (`None`: any origin).
+    pub origins: Option<Origins<NgxRegex>>,
+    /// `ws_handshake strict` (`None` while unset).
+    pub handshake_strict: Option<bool>,
 }
 
 impl Default for LocConf {
@@ -139,6 +274,9 @@ impl Default for LocConf {
             max_frame: NGX_CONF_UNSET_SIZE,
             max_message: NGX_CONF_UNSET_SIZE,
             protocol_check: NGX_CONF_UNSET_SIZE,
+            routes: None,
+            origins: None,
+            handshake_strict: None,
         }
     }
 }
@@ -168,6 +306,16 @@ impl LocConf {
             || self.max_frame > 0
             || self.max_message > 0
             || self.protocol_check == 1
+    }
+
+    /// Whether the request gate has work in this location.
+    pub fn gate_active(&self) -> bool {
+        self.routes.is_some() || self.origins.is_some() || self.strict()
+    }
+
+    /// `ws_handshake strict`.
+    pub fn strict(&self) -> bool {
+        self.handshake_strict == Some(true)
     }
 }
 
@@ -201,6 +349,16 @@ impl Merge for LocConf {
             if *v == NGX_CONF_UNSET_SIZE {
                 *v = if p == NGX_CONF_UNSET_SIZE { 0 } else { p };
             }
+        }
+        // Like proxy_set_header: a scope with any ws_route (ws_allow_origin) uses only its own.
+        if self.routes.is_none() {
+            self.routes = prev.routes.clone();
+        }
+        if self.origins.is_none() {
+            self.origins = prev.origins.clone();
+        }
+        if self.handshake_strict.is_none() {
+            self.handshake_strict = Some(prev.handshake_strict == Some(true));
         }
         if self.payload == NGX_CONF_UNSET_SIZE {
             self.payload = if prev.payload == NGX_CONF_UNSET_SIZE {
@@ -475,6 +633,228 @@ extern "C" fn ngx_http_ws_set_time(
     finish(cf, r)
 }
 
+extern "C" fn ngx_http_ws_set_route(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    // SAFETY: called by nginx while parsing this directive.
+    let r = unsafe { set_route(cf, lcf) };
+    finish(cf, r)
+}
+
+/// # Safety
+/// Called from the `ws_route` directive handler with nginx's `cf`.
+unsafe fn set_route(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfError> {
+    // SAFETY: see the function's contract.
+    let a: Vec<String> = unsafe { args(cf) }[1..].iter().map(text).collect();
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let spec = route::parse_rule(&a).map_err(|e| match e {
+        route::ParseError::Value(value) => ConfError::InvalidValue {
+            directive: "ws_route",
+            value,
+        },
+        route::ParseError::Parameter(value) => ConfError::InvalidParameter {
+            directive: "ws_route",
+            value,
+        },
+        route::ParseError::Count => ConfError::ArgCount("ws_route"),
+    })?;
+    let routes = lcf.routes.get_or_insert_with(Routes::default);
+    let name = match spec {
+        RuleSpec::Default { upstream } => {
+            if routes.default.is_some() {
+                return Err(ConfError::DuplicateDefault);
+            }
+            routes.default = Some(upstream.clone());
+            upstream
+        }
+        RuleSpec::Rule {
+            kind,
+            pattern,
+            upstream,
+            protocols,
+        } => {
+            let rule = Rule::new(kind, pattern, upstream.clone(), protocols, |p, caseless| {
+                // SAFETY: cf is being parsed.
+                unsafe { compile_regex(cf, "ws_route", p, caseless) }
+            })?;
+            routes.rules.push(rule);
+            upstream
+        }
+    };
+    // SAFETY: inside http{} while parsing; conf_file is the file being read.
+    let (mcf, file, line) = unsafe {
+        let f = &*(*cf).conf_file;
+        (main_conf(cf), text(&f.file.name), f.line)
+    };
+    let mcf = mcf.ok_or(ConfError::NoMemory)?;
+    mcf.gate_used = true;
+    mcf.route_upstreams.push(UpstreamRef { name, file, line });
+    Ok(())
+}
+
+extern "C" fn ngx_http_ws_set_allow_origin(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    let r = (|| {
+        if lcf.origins.is_some() {
+            return Err(ConfError::Duplicate("ws_allow_origin"));
+        }
+        let mut origins = Origins {
+            rules: Vec::new(),
+            missing_deny: false,
+        };
+        let mut missing_seen = false;
+        // SAFETY: called by nginx while parsing this directive.
+        for a in unsafe { &args(cf)[1..] } {
+            let v = text(a);
+            if let Some(m) = v.strip_prefix("missing=") {
+                if missing_seen {
+                    return Err(ConfError::InvalidParameter {
+                        directive: "ws_allow_origin",
+                        value: v,
+                    });
+                }
+                missing_seen = true;
+                origins.missing_deny = match m {
+                    "allow" => false,
+                    "deny" => true,
+                    _ => {
+                        return Err(ConfError::InvalidParameter {
+                            directive: "ws_allow_origin",
+                            value: v,
+                        })
+                    }
+                };
+                continue;
+            }
+            let rule = match route::parse_origin(&v) {
+                Some(OriginSpec::Any) => OriginRule::Any,
+                Some(OriginSpec::Exact(o)) => OriginRule::Exact(o),
+                Some(OriginSpec::Wildcard(o)) => OriginRule::Wildcard(o),
+                Some(OriginSpec::Regex { pattern, caseless }) => OriginRule::Regex(
+                    // SAFETY: cf is being parsed.
+                    unsafe { compile_regex(cf, "ws_allow_origin", &pattern, caseless) }?,
+                ),
+                None => {
+                    return Err(ConfError::InvalidValue {
+                        directive: "ws_allow_origin",
+                        value: v,
+                    })
+                }
+            };
+            origins.rules.push(rule);
+        }
+        if origins.rules.is_empty() {
+            return Err(ConfError::ArgCount("ws_allow_origin"));
+        }
+        lcf.origins = Some(origins);
+        Ok(())
+    })();
+    if r.is_ok() {
+        // SAFETY: inside http{} while parsing.
+        if let Some(mcf) = unsafe { main_conf(cf) } {
+            mcf.gate_used = true;
+        }
+    }
+    finish(cf, r)
+}
+
+extern "C" fn ngx_http_ws_set_handshake(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with our location configuration.
+    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
+    let r = (|| {
+        if lcf.handshake_strict.is_some() {
+            return Err(ConfError::Duplicate("ws_handshake"));
+        }
+        // SAFETY: called by nginx while parsing this directive.
+        let a = unsafe { &args(cf)[1] };
+        lcf.handshake_strict = Some(match a.as_bytes() {
+            b"strict" => true,
+            b"off" => false,
+            _ => {
+                return Err(ConfError::InvalidValue {
+                    directive: "ws_handshake",
+                    value: text(a),
+                })
+            }
+        });
+        Ok(())
+    })();
+    if lcf.strict() {
+        // SAFETY: inside http{} while parsing.
+        if let Some(mcf) = unsafe { main_conf(cf) } {
+            mcf.gate_used = true;
+        }
+    }
+    finish(cf, r)
+}
+
+/// After http{} is parsed: every `ws_route` upstream names an `upstream {}` block (they may
+/// come after the server that uses them), and the route variables are indexed.
+///
+/// # Safety
+/// `cf` must be the http{} configuration, at init_main_conf time.
+/// Each unknown upstream is logged where it is used; the error returned is the last one.
+pub unsafe fn init_routes(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result<(), ConfError> {
+    use ngx::ffi::ngx_http_upstream_srv_conf_t;
+    use ngx::http::{HttpModuleMainConf, NgxHttpUpstreamModule};
+
+    if mcf.route_upstreams.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: cf is inside http{}; the upstream module's main conf exists in every http{}.
+    let umcf = NgxHttpUpstreamModule::main_conf(unsafe { &*cf });
+    let blocks: &[*mut ngx_http_upstream_srv_conf_t] = match umcf {
+        // SAFETY: `upstreams` is an array of ngx_http_upstream_srv_conf_t pointers.
+        Some(u) => unsafe { u.upstreams.as_slice() },
+        None => &[],
+    };
+    let defined = |name: &str| {
+        blocks.iter().any(|&b| {
+            // SAFETY: the array holds live upstream configurations.
+            let b = unsafe { &*b };
+            b.flags & ngx::ffi::NGX_HTTP_UPSTREAM_CREATE as ngx_uint_t != 0
+                && b.host.as_bytes().eq_ignore_ascii_case(name.as_bytes())
+        })
+    };
+    let mut result = Ok(());
+    for r in &mcf.route_upstreams {
+        if !defined(&r.name) {
+            let e = ConfError::NoUpstream(r.name.clone());
+            // SAFETY: cf->log is the configuration log.
+            let log = unsafe { (*cf).log };
+            ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{} in {}:{}", e, r.file, r.line);
+            result = Err(e);
+        }
+    }
+    result?;
+    for (name, slot) in [
+        (ngx_string!("ws_route"), &mut mcf.route_index),
+        (ngx_string!("ws_upstream"), &mut mcf.upstream_index),
+    ] {
+        let mut name = name;
+        // SAFETY: cf is valid; nginx copies the name.
+        let idx = unsafe { ngx_http_get_variable_index(cf, &mut name) };
+        if idx == NGX_ERROR as ngx_int_t {
+            return Err(ConfError::NoMemory);
+        }
+        *slot = idx;
+    }
+    Ok(())
+}
+
 extern "C" fn ngx_http_ws_set_limit(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -565,8 +945,9 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 }
 
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
+const SRV_LOC: ngx_uint_t = (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 13] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 16] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -635,6 +1016,30 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 13] = [
         name: ngx_string!("ws_drain"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_time),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_route"),
+        type_: SRV_LOC | NGX_CONF_2MORE as ngx_uint_t,
+        set: Some(ngx_http_ws_set_route),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_allow_origin"),
+        type_: LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
+        set: Some(ngx_http_ws_set_allow_origin),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_handshake"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_handshake),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

@@ -10,11 +10,14 @@ pub mod flow;
 pub mod frame;
 pub mod observe;
 pub mod record;
+pub mod route;
 
 // The nginx-facing glue is left out of the unit-test binary, which cannot link nginx's symbols;
 // the integration tests in tests/ exercise it inside a real nginx.
 #[cfg(not(test))]
 pub mod conf;
+#[cfg(not(test))]
+pub mod gate;
 #[cfg(not(test))]
 pub mod log;
 #[cfg(not(test))]
@@ -40,7 +43,7 @@ mod glue {
     use ngx::ngx_conf_log_error;
 
     use crate::conf::{self, LocConf, MainConf, NGX_HTTP_WS_COMMANDS};
-    use crate::{tunnel, variables};
+    use crate::{gate, tunnel, variables};
 
     struct Module;
 
@@ -54,14 +57,19 @@ mod glue {
             unsafe { variables::add(cf) }.into()
         }
 
-        unsafe extern "C" fn postconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
+        unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             // SAFETY: nginx builds the filter chain single-threaded during configuration; each
             // module keeps the next filter and puts itself on top, as nginx's own filters do.
             unsafe {
                 NEXT_HEADER_FILTER = ngx_http_top_header_filter;
                 ngx_http_top_header_filter = Some(ngx_http_ws_header_filter);
             }
-            Status::NGX_OK.into()
+            // SAFETY: cf is the http{} configuration.
+            let Some(mcf) = (unsafe { conf::main_conf(cf) }) else {
+                return Status::NGX_ERROR.into();
+            };
+            // SAFETY: postconfiguration, with the phase arrays initialized.
+            unsafe { gate::install(cf, mcf) }.into()
         }
 
         unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
@@ -69,6 +77,10 @@ mod glue {
             let mcf = unsafe { &mut *conf.cast::<MainConf>() };
             // SAFETY: cf is the http{} configuration.
             if unsafe { conf::init_request_id(cf, mcf) }.is_err() {
+                return NGX_CONF_ERROR;
+            }
+            // SAFETY: cf is the http{} configuration, fully parsed.
+            if unsafe { conf::init_routes(cf, mcf) }.is_err() {
                 return NGX_CONF_ERROR;
             }
             for lf in &mcf.logs {
@@ -103,6 +115,17 @@ mod glue {
         let Some(next) = next else {
             return NGX_ERROR as ngx_int_t;
         };
+        // SAFETY: nginx calls header filters with a live request.
+        if let Some(rc) = unsafe { gate::check_upstream_101(r) } {
+            return rc;
+        }
+        // SAFETY: as above. nginx has no reason phrase for 426, which the gate answers with.
+        unsafe {
+            let out = &mut (*r).headers_out;
+            if out.status == gate::NGX_HTTP_UPGRADE_REQUIRED as usize && out.status_line.len == 0 {
+                out.status_line = ngx::ngx_string!("426 Upgrade Required");
+            }
+        }
         // SAFETY: nginx calls header filters with a live request.
         let wanted = unsafe { tunnel::wants_tunnel(r) };
         // SAFETY: as above.

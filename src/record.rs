@@ -194,6 +194,18 @@ pub struct CloseRecord<'a> {
     pub end: End,
 }
 
+/// A request the module refused (`ws_route`, `ws_allow_origin`, `ws_handshake`).
+#[derive(Debug, Serialize)]
+pub struct RejectRecord<'a> {
+    pub time: &'a str,
+    pub event: &'static str,
+    pub conn: u64,
+    pub request_id: Option<&'a str>,
+    pub uri: &'a str,
+    pub status: u16,
+    pub reason: &'a str,
+}
+
 /// Formats seconds and milliseconds since the epoch as `2026-11-23T22:00:00.123Z`.
 pub fn format_time(sec: i64, msec: u32) -> String {
     let days = sec.div_euclid(86_400);
@@ -307,6 +319,25 @@ mod tests {
             serde_json::to_string(&OpcodeField(Opcode::Reserved(11))).unwrap(),
             "11"
         );
+    }
+
+    #[test]
+    fn reject_record_shape() {
+        let r = RejectRecord {
+            time: "t",
+            event: "reject",
+            conn: 3,
+            request_id: None,
+            uri: "/chat",
+            status: 403,
+            reason: "origin",
+        };
+        let v: Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["event"], "reject");
+        assert_eq!(v["status"], 403);
+        assert_eq!(v["reason"], "origin");
+        assert_eq!(v["uri"], "/chat");
+        assert!(v.as_object().unwrap().contains_key("request_id"));
     }
 
     #[test]

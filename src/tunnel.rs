@@ -345,10 +345,14 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         } else {
             addr_text(u.peer.sockaddr, u.peer.socklen)
         };
-        // SAFETY: u->upstream is the upstream{} configuration, when there is one.
-        let upstream_name = unsafe { u.upstream.as_ref() }
-            .filter(|us| us.flags & NGX_HTTP_UPSTREAM_CREATE as usize != 0)
-            .and_then(|us| non_empty(&us.host));
+        // SAFETY: the request is live.
+        let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
+        let upstream_name = routed.or_else(|| {
+            // SAFETY: u->upstream is the upstream{} configuration, when there is one.
+            unsafe { u.upstream.as_ref() }
+                .filter(|us| us.flags & NGX_HTTP_UPSTREAM_CREATE as usize != 0)
+                .and_then(|us| non_empty(&us.host))
+        });
         let time = now_text();
         let rec = OpenRecord {
             time: &time,
@@ -359,7 +363,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             host: host.as_deref(),
             client: client.as_deref(),
             upstream: upstream.as_deref(),
-            route: None,
+            route: route.as_deref(),
             upstream_name: upstream_name.as_deref(),
             subprotocol: subprotocol.as_deref(),
             extensions: extensions.as_deref(),

@@ -59,6 +59,21 @@ pub unsafe fn add(cf: *mut ngx_conf_t) -> Status {
         v.get_handler = Some(ngx_http_ws_variable);
         v.data = i;
     }
+    // Cacheable: decided once per request (see gate.rs), read by proxy_pass and access_log.
+    for (i, name) in [ngx_string!("ws_route"), ngx_string!("ws_upstream")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut name = name;
+        // SAFETY: cf is valid; nginx copies the name into the configuration pool.
+        let v: *mut ngx_http_variable_t = unsafe { ngx_http_add_variable(cf, &mut name, 0) };
+        // SAFETY: a non-null result is nginx's variable entry for us to fill.
+        let Some(v) = (unsafe { v.as_mut() }) else {
+            return Status::NGX_ERROR;
+        };
+        v.get_handler = Some(crate::gate::ngx_http_ws_route_variable);
+        v.data = i;
+    }
     Status::NGX_OK
 }
 

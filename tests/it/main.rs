@@ -6,6 +6,7 @@ mod examples;
 mod harness;
 mod logfile;
 mod policy;
+mod route;
 mod timeouts;
 mod tls;
 mod tunnel;

@@ -1,0 +1,427 @@
+//! The request gate: `ws_handshake`, `ws_allow_origin` and `ws_route` applied to requests, the
+//! `$ws_route`/`$ws_upstream` variables, the check of an upstream's 101 under
+//! `ws_handshake strict`, and `reject` records.
+//!
+//! The decisions themselves are pure (`route.rs`); this is the nginx glue around them.
+//!
+//! Where the routing decision lives: in nginx's own variable cache, not in a module context
+//! (the module context belongs to the tunnel, attached at the 101). `$ws_route` and
+//! `$ws_upstream` are cacheable variables: the preaccess handler computes the decision once and
+//! stores both values in `r->variables`, where `proxy_pass http://$ws_upstream`, `access_log`
+//! and the tunnel's `open` record read them. A request that never reaches the preaccess phase
+//! (a `return` in the rewrite phase, a subrequest) gets the values computed on demand by the
+//! variables' get handler. The values point into configuration memory: nothing is allocated.
+
+use core::ptr;
+
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_array_push, ngx_conf_t, ngx_http_clean_header, ngx_http_get_indexed_variable,
+    ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_PREACCESS_PHASE, ngx_http_request_t, ngx_int_t,
+    ngx_list_push, ngx_list_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t, ngx_variable_value_t,
+    NGX_DECLINED, NGX_HTTP_BAD_GATEWAY, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN, NGX_HTTP_GET,
+    NGX_HTTP_NOT_FOUND, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_VERSION_11, NGX_LOG_ERR,
+    NGX_LOG_INFO,
+};
+use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
+use ngx::ngx_log_error;
+
+use crate::conf::{events, LocConf, MainConf};
+use crate::record::{format_time, RejectRecord};
+use crate::route::{self, Chosen, Handshake, RequestError, UpgradeRequest};
+
+/// `426 Upgrade Required`: nginx has no status line of its own for it.
+pub const NGX_HTTP_UPGRADE_REQUIRED: ngx_int_t = 426;
+
+/// Why a request was refused, as the `reject` record's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Origin,
+    Handshake,
+    NoRoute,
+    NotUpgrade,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Origin => "origin",
+            Reason::Handshake => "handshake",
+            Reason::NoRoute => "no_route",
+            Reason::NotUpgrade => "not_upgrade",
+        }
+    }
+}
+
+/// Installs the preaccess handler (postconfiguration), only when some scope uses the gate: with
+/// no `ws_route`, `ws_allow_origin` or `ws_handshake strict` anywhere, requests never meet it.
+///
+/// # Safety
+/// `cf` must be the http{} configuration at postconfiguration time.
+pub unsafe fn install(cf: *mut ngx_conf_t, mcf: &MainConf) -> Status {
+    if !mcf.gate_used {
+        return Status::NGX_OK;
+    }
+    // SAFETY: cf is inside http{}; the core module's main conf exists.
+    let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(unsafe { &*cf }) else {
+        return Status::NGX_ERROR;
+    };
+    let handlers = &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as usize].handlers;
+    // SAFETY: the phase's handlers array was created by ngx_http_init_phases.
+    let h = unsafe { ngx_array_push(handlers) }.cast::<ngx_http_handler_pt>();
+    if h.is_null() {
+        return Status::NGX_ERROR;
+    }
+    // SAFETY: h is a fresh slot of the array.
+    unsafe { *h = Some(ngx_http_ws_gate_handler) };
+    Status::NGX_OK
+}
+
+/// Values of headers called `name` (lowercase) in a headers list, in order; removed entries
+/// (hash 0) skipped.
+fn header_values<'a>(list: &'a ngx_list_t, name: &[u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut part = &list.part;
+    loop {
+        let elts = part.elts.cast::<ngx_table_elt_t>();
+        for i in 0..part.nelts {
+            // SAFETY: a request's headers list holds `nelts` ngx_table_elt_t per part.
+            let h = unsafe { &*elts.add(i) };
+            if h.hash != 0 && h.key.as_bytes().eq_ignore_ascii_case(name) {
+                out.push(h.value.as_bytes());
+            }
+        }
+        // SAFETY: `next` is null or the next part of the same list.
+        match unsafe { part.next.as_ref() } {
+            Some(next) => part = next,
+            None => return out,
+        }
+    }
+}
+
+/// Adds a response header.
+fn add_header_out(r: &mut ngx_http_request_t, key: &'static str, value: &'static str) -> bool {
+    // SAFETY: headers_out.headers is the request's list of ngx_table_elt_t.
+    let h = unsafe { ngx_list_push(&mut r.headers_out.headers) }.cast::<ngx_table_elt_t>();
+    if h.is_null() {
+        return false;
+    }
+    // SAFETY: h is a fresh element; all-zero is a valid empty entry (no `next`, no lowcase);
+    // nginx only reads the static key and value.
+    unsafe {
+        ptr::write_bytes(h, 0, 1);
+        (*h).hash = 1;
+        (*h).key = ngx_str_t {
+            len: key.len(),
+            data: key.as_ptr().cast_mut(),
+        };
+        (*h).value = ngx_str_t {
+            len: value.len(),
+            data: value.as_ptr().cast_mut(),
+        };
+    }
+    true
+}
+
+/// Whether the client asked for a WebSocket upgrade (`Upgrade` names `websocket`).
+fn is_ws_upgrade(r: &ngx_http_request_t) -> bool {
+    route::has_token(
+        &header_values(&r.headers_in.headers, b"upgrade"),
+        b"websocket",
+    )
+}
+
+/// The routing decision for a request in a location with `ws_route`.
+fn decide<'a>(r: &ngx_http_request_t, lcf: &'a LocConf) -> Option<Chosen<'a>> {
+    let routes = lcf.routes.as_ref()?;
+    let upgrade = is_ws_upgrade(r);
+    let offered = header_values(&r.headers_in.headers, b"sec-websocket-protocol");
+    routes.choose(r.uri.as_bytes(), upgrade, &route::tokens(&offered))
+}
+
+/// Fills a variable value with static configuration text, or marks it not found.
+fn fill(v: &mut ngx_variable_value_t, s: Option<&'static str>) {
+    match s {
+        Some(s) => {
+            v.data = s.as_ptr().cast_mut();
+            v.set_len(s.len() as u32);
+            v.set_valid(1);
+            v.set_not_found(0);
+        }
+        None => {
+            v.set_len(0);
+            v.set_valid(0);
+            v.set_not_found(1);
+        }
+    }
+    v.set_no_cacheable(0);
+    v.set_escape(0);
+}
+
+/// Stores (or, with `None`, forgets) the decision in the request's variable cache.
+///
+/// # Safety
+/// `r` must be a live request of the cycle whose main conf is `mcf`.
+unsafe fn store(r: &mut ngx_http_request_t, mcf: &MainConf, c: Option<Option<Chosen<'static>>>) {
+    for (idx, which) in [(mcf.route_index, 0), (mcf.upstream_index, 1)] {
+        let Ok(idx) = usize::try_from(idx) else {
+            continue;
+        };
+        // SAFETY: r->variables has one slot per indexed variable; idx is one of them.
+        let v = unsafe { &mut *r.variables.add(idx) };
+        match c {
+            Some(c) => fill(v, c.map(|c| if which == 0 { c.route } else { c.upstream })),
+            // Not computed here: the get handler decides when asked.
+            None => {
+                v.set_valid(0);
+                v.set_not_found(0);
+            }
+        }
+    }
+}
+
+/// Get handler of `$ws_route` (`data` 0) and `$ws_upstream` (1), when the preaccess handler
+/// did not already store them.
+///
+/// # Safety
+/// Called by nginx with a live request and a value slot.
+pub unsafe extern "C" fn ngx_http_ws_route_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx passes a live request and a value slot to fill.
+    let (request, req, v) = unsafe { (Request::from_ngx_http_request(r), &*r, &mut *v) };
+    let c = crate::loc_conf(request).and_then(|lcf| decide(req, lcf));
+    fill(v, c.map(|c| if data == 0 { c.route } else { c.upstream }));
+    Status::NGX_OK.into()
+}
+
+/// `$ws_route` and `$ws_upstream` of a request, for the tunnel's `open` record.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn chosen(r: *mut ngx_http_request_t) -> Option<(String, String)> {
+    // SAFETY: called in nginx's thread with a live request.
+    let mcf = unsafe { crate::cycle_main_conf() }?;
+    let get = |idx: ngx_int_t| {
+        let idx = ngx_uint_t::try_from(idx).ok()?;
+        // SAFETY: idx was obtained at configuration time for this cycle.
+        let v = unsafe { ngx_http_get_indexed_variable(r, idx).as_ref()? };
+        if v.not_found() != 0 || v.valid() == 0 {
+            return None;
+        }
+        // SAFETY: a valid value has `len` bytes at `data`.
+        let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
+        Some(String::from_utf8_lossy(b).into_owned())
+    };
+    Some((get(mcf.route_index)?, get(mcf.upstream_index)?))
+}
+
+/// The preaccess handler: strict handshake, then origin, then route.
+unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls phase handlers with a live request.
+    let (request, req) = unsafe { (Request::from_ngx_http_request(r), &mut *r) };
+    let declined = NGX_DECLINED as ngx_int_t;
+    if !ptr::eq(r, req.main) {
+        return declined;
+    }
+    let Some(lcf) = crate::loc_conf(request) else {
+        return declined;
+    };
+    // SAFETY: in nginx's thread.
+    let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
+        return declined;
+    };
+    if lcf.routes.is_none() {
+        // An internal redirect may have left another location's decision in the cache.
+        // SAFETY: live request of this cycle.
+        unsafe { store(req, mcf, None) };
+    }
+    if !lcf.gate_active() {
+        return declined;
+    }
+    let upgrade = is_ws_upgrade(req);
+    let h = &req.headers_in.headers;
+
+    if upgrade && lcf.strict() {
+        let connection = header_values(h, b"connection");
+        let key = header_values(h, b"sec-websocket-key");
+        let version = header_values(h, b"sec-websocket-version");
+        let check = route::check_request(&UpgradeRequest {
+            get: req.method == NGX_HTTP_GET as ngx_uint_t,
+            http11: req.http_version >= NGX_HTTP_VERSION_11 as ngx_uint_t,
+            connection: &connection,
+            key: &key,
+            version: &version,
+        });
+        match check {
+            Ok(()) => {}
+            Err(RequestError::Bad(why)) => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    request.log(),
+                    "ws: bad upgrade request: {}",
+                    why
+                );
+                return reject(
+                    req,
+                    lcf,
+                    NGX_HTTP_BAD_REQUEST as ngx_int_t,
+                    Reason::Handshake,
+                );
+            }
+            Err(RequestError::Version) => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    request.log(),
+                    "ws: unsupported \"Sec-WebSocket-Version\""
+                );
+                if !add_header_out(req, "Sec-WebSocket-Version", "13") {
+                    return ngx::ffi::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+                }
+                return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reason::Handshake);
+            }
+        }
+    }
+
+    if upgrade {
+        if let Some(origins) = &lcf.origins {
+            let origin = header_values(h, b"origin");
+            if !origins.allows(&origin) {
+                let shown = origin
+                    .first()
+                    .map(|o| String::from_utf8_lossy(o).into_owned())
+                    .unwrap_or_default();
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    request.log(),
+                    "ws: origin \"{}\" not allowed",
+                    shown
+                );
+                return reject(req, lcf, NGX_HTTP_FORBIDDEN as ngx_int_t, Reason::Origin);
+            }
+        }
+    }
+
+    if lcf.routes.is_some() {
+        let c = decide(req, lcf);
+        // SAFETY: live request of this cycle.
+        unsafe { store(req, mcf, Some(c)) };
+        if c.is_none() {
+            if upgrade {
+                return reject(req, lcf, NGX_HTTP_NOT_FOUND as ngx_int_t, Reason::NoRoute);
+            }
+            if !add_header_out(req, "Upgrade", "websocket") {
+                return ngx::ffi::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+            }
+            return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reason::NotUpgrade);
+        }
+    }
+    declined
+}
+
+/// Under `ws_handshake strict`, checks an upstream's 101 for a WebSocket upgrade before it goes
+/// to the client (header filter). A wrong `Sec-WebSocket-Accept`, or a subprotocol or extension
+/// the client did not offer, turns the response into a 502: the headers are cleared and 502 is
+/// returned, so the upstream module finalizes the request with a 502 special response and
+/// never starts the tunnel.
+///
+/// # Safety
+/// `r` must be a live request in a header filter.
+pub unsafe fn check_upstream_101(r: *mut ngx_http_request_t) -> Option<ngx_int_t> {
+    // SAFETY: per the contract.
+    let (request, req) = unsafe { (Request::from_ngx_http_request(r), &mut *r) };
+    if req.headers_out.status != NGX_HTTP_SWITCHING_PROTOCOLS as ngx_uint_t
+        || req.upstream.is_null()
+        || !ptr::eq(r, req.main)
+    {
+        return None;
+    }
+    let lcf = crate::loc_conf(request)?;
+    // SAFETY: checked non-null; the upstream lives as long as the request.
+    if !lcf.strict() || unsafe { (*req.upstream).upgrade() } == 0 || !is_ws_upgrade(req) {
+        return None;
+    }
+    let hin = &req.headers_in.headers;
+    let hout = &req.headers_out.headers;
+    let key = header_values(hin, b"sec-websocket-key");
+    let offered_protocols = header_values(hin, b"sec-websocket-protocol");
+    let offered_extensions = header_values(hin, b"sec-websocket-extensions");
+    let accept = header_values(hout, b"sec-websocket-accept");
+    let protocol = header_values(hout, b"sec-websocket-protocol");
+    let extensions = header_values(hout, b"sec-websocket-extensions");
+    let check = route::check_response(&Handshake {
+        key: &key,
+        offered_protocols: &offered_protocols,
+        offered_extensions: &offered_extensions,
+        accept: &accept,
+        protocol: &protocol,
+        extensions: &extensions,
+    });
+    let why = check.err()?;
+    ngx_log_error!(
+        NGX_LOG_ERR,
+        request.log(),
+        "ws: upstream sent an invalid WebSocket handshake: {}",
+        why
+    );
+    reject(
+        req,
+        lcf,
+        NGX_HTTP_BAD_GATEWAY as ngx_int_t,
+        Reason::Handshake,
+    );
+    // SAFETY: nothing has been sent yet (this filter runs before nginx's header filter); the
+    // upstream's headers must not reach the client with the 502.
+    unsafe { ngx_http_clean_header(req) };
+    Some(NGX_HTTP_BAD_GATEWAY as ngx_int_t)
+}
+
+/// Refuses a request: writes the `reject` record and returns `status` for nginx to answer with.
+///
+/// Every refusal of the module passes here, so this is also where a metrics counter of
+/// rejections by reason is to be incremented.
+pub fn reject(
+    r: &mut ngx_http_request_t,
+    lcf: &LocConf,
+    status: ngx_int_t,
+    reason: Reason,
+) -> ngx_int_t {
+    if lcf.events & events::REJECT != 0 {
+        if let Some(mut lf) = lcf.log_file() {
+            let tp = ngx::ffi::ngx_timeofday();
+            let time = format_time(tp.sec, tp.msec as u32);
+            let request_id = request_id(r);
+            let uri = String::from_utf8_lossy(r.uri.as_bytes());
+            let rec = RejectRecord {
+                time: &time,
+                event: "reject",
+                // SAFETY: a live request's connection.
+                conn: unsafe { (*r.connection).number } as _,
+                request_id: request_id.as_deref(),
+                uri: &uri,
+                status: status as u16,
+                reason: reason.as_str(),
+            };
+            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
+            unsafe { lf.as_mut() }.write(&rec);
+        }
+    }
+    status
+}
+
+/// `$request_id` of a request.
+fn request_id(r: &mut ngx_http_request_t) -> Option<String> {
+    // SAFETY: in nginx's thread.
+    let mcf = unsafe { crate::cycle_main_conf() }?;
+    let idx = ngx_uint_t::try_from(mcf.request_id_index).ok()?;
+    // SAFETY: the index was obtained at configuration time for this cycle.
+    let v = unsafe { ngx_http_get_indexed_variable(r, idx).as_ref()? };
+    if v.not_found() != 0 {
+        return None;
+    }
+    // SAFETY: a found value has `len` bytes at `data`.
+    let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
+    Some(String::from_utf8_lossy(b).into_owned())
+}

@@ -134,3 +134,48 @@ async fn timeouts_conf() {
         .collect();
     assert_eq!(ends, ["normal", "too_big"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_conf() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (chat, gql) = two_backends().await;
+    let port = free_port();
+    let ngx = Nginx::start_conf(&example("routing.conf", port, [chat.addr, gql.addr]), port);
+    echo_once(&ngx.url("/ws/chat/lobby"), None).await;
+    // The GraphQL pool only for clients offering one of its subprotocols.
+    let mut req = ngx.url("/ws/graphql").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "graphql-ws".parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", "https://eu.app.example.com".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    assert_eq!(chat.seen.lock().unwrap().paths, ["/ws/chat/lobby"]);
+    assert_eq!(gql.seen.lock().unwrap().paths, ["/ws/graphql"]);
+    // Another site's page is refused; so is an unknown path.
+    let mut req = ngx.url("/ws/chat/x").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Origin", "https://evil-example.com".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let err = tokio_tungstenite::connect_async(ngx.url("/ws/nothing"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    let recs = ngx
+        .wait_records("logs/ws.log", |r| of_event(r, "reject").len() >= 2)
+        .await;
+    let reasons: Vec<&str> = of_event(&recs, "reject")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["origin", "no_route"]);
+    let lines = ngx.wait_lines("logs/access.log", 4).await;
+    assert!(
+        lines[0].contains("route=/ws/chat/ upstream=chat"),
+        "{}",
+        lines[0]
+    );
+}

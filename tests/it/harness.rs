@@ -331,8 +331,18 @@ pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mu
     let mut path = String::new();
     // tungstenite's callback signature returns a whole HTTP response as its error type.
     #[allow(clippy::result_large_err)]
-    let cb = |req: &Request, resp: Response| {
+    let cb = |req: &Request, mut resp: Response| {
         path = req.uri().path().to_string();
+        // Select the first subprotocol the client offers, as a real server would.
+        let first = req
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|p| p.trim().to_string());
+        if let Some(p) = first.and_then(|p| p.parse().ok()) {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", p);
+        }
         Ok(resp)
     };
     let Ok(mut ws) =

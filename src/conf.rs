@@ -7,8 +7,9 @@ use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
     ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2, NGX_ERROR,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
@@ -44,6 +45,12 @@ pub enum ConfError {
     LogConflict(String),
     #[error("\"ws_log\" \"{0}\" cannot share its file with a buffered log of another module")]
     LogShared(String),
+    #[error(
+        "zone \"{name}\" is too small in \"ws_status_zone\" directive, the minimum is {min_k}k"
+    )]
+    ZoneTooSmall { name: String, min_k: usize },
+    #[error("\"ws_status\" needs a \"ws_status_zone\" in the http block")]
+    StatusNeedsZone,
     #[error("out of memory")]
     NoMemory,
 }
@@ -88,6 +95,8 @@ pub struct MainConf {
     pub drain_used: bool,
     /// This worker's tunnels that drain on shutdown, and the shutdown watcher.
     pub drain: crate::tunnel::DrainList,
+    /// `ws_status_zone`.
+    pub status: crate::status::StatusConf,
 }
 
 impl Default for MainConf {
@@ -97,6 +106,7 @@ impl Default for MainConf {
             logs: Vec::new(),
             drain_used: false,
             drain: crate::tunnel::DrainList::default(),
+            status: crate::status::StatusConf::default(),
         }
     }
 }
@@ -122,6 +132,8 @@ pub struct LocConf {
     pub max_message: usize,
     /// `ws_protocol_check`: 0 off, 1 on, unset.
     pub protocol_check: usize,
+    /// `ws_status` in this location (not inherited: it sets the content handler).
+    pub status: Option<crate::status::Format>,
 }
 
 impl Default for LocConf {
@@ -139,6 +151,7 @@ impl Default for LocConf {
             max_frame: NGX_CONF_UNSET_SIZE,
             max_message: NGX_CONF_UNSET_SIZE,
             protocol_check: NGX_CONF_UNSET_SIZE,
+            status: None,
         }
     }
 }
@@ -566,7 +579,7 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 13] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 15] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -659,6 +672,22 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 13] = [
         name: ngx_string!("ws_protocol_check"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_protocol_check),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_status_zone"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
+        set: Some(crate::status::ngx_http_ws_set_status_zone),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::status::ngx_http_ws_set_status),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

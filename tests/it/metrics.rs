@@ -33,7 +33,11 @@ pub async fn get(port: u16, path: &str) -> (u16, String, String) {
 }
 
 pub async fn status_json(port: u16) -> Value {
-    let (code, head, body) = get(port, "/status").await;
+    status_json_at(port, "/status").await
+}
+
+async fn status_json_at(port: u16, path: &str) -> Value {
+    let (code, head, body) = get(port, path).await;
     assert_eq!(code, 200, "{head}\n{body}");
     assert!(head.contains("Content-Type: application/json"), "{head}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
@@ -60,6 +64,28 @@ async fn wait_status(port: u16, what: &str, pred: impl Fn(&Value) -> bool) -> Va
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the JSON status at `path` until `n` tunnels have closed, over all label sets.
+pub async fn wait_closed(port: u16, path: &str, n: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = status_json_at(port, path).await;
+        let closed: u64 = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["tunnels"]["closed"].as_u64().unwrap())
+            .sum();
+        if closed >= n {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} closed: {v:#}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -110,6 +110,18 @@ pub async fn reload(ngx: &Nginx, workers: usize) {
     }
 }
 
+/// Reloads with no tunnel open and waits until the old workers have exited: until then they
+/// may still accept a connection, counted in their configuration's zone.
+async fn reload_idle(ngx: &Nginx, workers: usize) {
+    let exited = count(&ngx.read("logs/error.log"), "exited with code");
+    reload(ngx, workers).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&ngx.read("logs/error.log"), "exited with code") < exited + workers {
+        assert!(Instant::now() < deadline, "{}", ngx.read("logs/error.log"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 const TEXTS: usize = 3;
 const BINS: usize = 2;
 const SIZE: usize = 100;
@@ -276,7 +288,8 @@ async fn exact_totals_across_workers_and_a_reload() {
     .await;
     assert_totals(entry(&v, "backend"), 60);
 
-    // Tunnels were served by both of the first workers and by the new ones.
+    // Tunnels were served by more than one worker (which ones took phase 3 depends on when
+    // the old workers closed their listening sockets).
     let lines = ngx.wait_lines("logs/ws-access.log", 60).await;
     let mut pids: Vec<&str> = lines
         .iter()
@@ -286,7 +299,7 @@ async fn exact_totals_across_workers_and_a_reload() {
     assert_eq!(pids.len(), 60);
     pids.sort();
     pids.dedup();
-    assert!(pids.len() >= 3, "tunnels not spread over workers: {pids:?}");
+    assert!(pids.len() >= 2, "tunnels not spread over workers: {pids:?}");
     ngx.assert_no_crash();
 }
 
@@ -481,7 +494,7 @@ async fn size_change_on_reload() {
     .await;
 
     // Same size: the zone and its counters are kept.
-    reload(&ngx, 1).await;
+    reload_idle(&ngx, 1).await;
     assert_eq!(
         entry(&status_json(port).await, "backend")["tunnels"]["opened"],
         3
@@ -494,9 +507,9 @@ async fn size_change_on_reload() {
         conf.replace("ws_status_zone ws_stats 1m;", "ws_status_zone ws_stats 2m;"),
     )
     .unwrap();
-    reload(&ngx, 1).await;
-    // (The old worker may still take a connection or two while it shuts down.)
-    let v = wait_status(port, "the new zone", |v| v["size"] == 2 << 20).await;
+    reload_idle(&ngx, 1).await;
+    let v = status_json(port).await;
+    assert_eq!(v["size"], 2 << 20, "{v:#}");
     assert!(v["entries"].as_array().unwrap().is_empty(), "{v:#}");
     run_clients(&ngx.url("/ws"), 2).await;
     let v = wait_status(port, "2 closed", |v| {

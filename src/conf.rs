@@ -7,8 +7,9 @@ use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
     ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_2MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    NGX_CONF_2MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2,
+    NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
@@ -59,6 +60,12 @@ pub enum ConfError {
     NoPcre(&'static str),
     #[error("ws_route: no upstream \"{0}\" defined")]
     NoUpstream(String),
+    #[error(
+        "zone \"{name}\" is too small in \"ws_status_zone\" directive, the minimum is {min_k}k"
+    )]
+    ZoneTooSmall { name: String, min_k: usize },
+    #[error("\"ws_status\" needs a \"ws_status_zone\" in the http block")]
+    StatusNeedsZone,
     #[error("out of memory")]
     NoMemory,
 }
@@ -103,6 +110,8 @@ pub struct MainConf {
     pub drain_used: bool,
     /// This worker's tunnels that drain on shutdown, and the shutdown watcher.
     pub drain: crate::tunnel::DrainList,
+    /// `ws_status_zone`.
+    pub status: crate::status::StatusConf,
     /// Some scope has `ws_route`, `ws_allow_origin` or `ws_handshake strict`: the request gate
     /// (a preaccess phase handler) is installed.
     pub gate_used: bool,
@@ -132,6 +141,7 @@ impl Default for MainConf {
             route_upstreams: Vec::new(),
             route_index: NGX_ERROR as ngx_int_t,
             upstream_index: NGX_ERROR as ngx_int_t,
+            status: crate::status::StatusConf::default(),
         }
     }
 }
@@ -257,6 +267,8 @@ pub struct LocConf {
     pub origins: Option<Origins<NgxRegex>>,
     /// `ws_handshake strict` (`None` while unset).
     pub handshake_strict: Option<bool>,
+    /// `ws_status` in this location (not inherited: it sets the content handler).
+    pub status: Option<crate::status::Format>,
 }
 
 impl Default for LocConf {
@@ -277,6 +289,7 @@ impl Default for LocConf {
             routes: None,
             origins: None,
             handshake_strict: None,
+            status: None,
         }
     }
 }
@@ -947,7 +960,7 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 const SRV_LOC: ngx_uint_t = (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 16] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 18] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -1064,6 +1077,22 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 16] = [
         name: ngx_string!("ws_protocol_check"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_protocol_check),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_status_zone"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
+        set: Some(crate::status::ngx_http_ws_set_status_zone),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::status::ngx_http_ws_set_status),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

@@ -388,6 +388,17 @@ pub fn reject(
     status: ngx_int_t,
     reason: Reason,
 ) -> ngx_int_t {
+    // Rejections are counted before any route is chosen: under the empty label set.
+    crate::status::count_reject(
+        "",
+        "",
+        match reason {
+            Reason::Origin => crate::status::Reject::Origin,
+            Reason::Handshake => crate::status::Reject::Handshake,
+            Reason::NoRoute => crate::status::Reject::NoRoute,
+            Reason::NotUpgrade => crate::status::Reject::NotUpgrade,
+        },
+    );
     if lcf.events & events::REJECT != 0 {
         if let Some(mut lf) = lcf.log_file() {
             let tp = ngx::ffi::ngx_timeofday();

@@ -11,6 +11,7 @@ pub mod frame;
 pub mod observe;
 pub mod record;
 pub mod route;
+pub mod status;
 
 // The nginx-facing glue is left out of the unit-test binary, which cannot link nginx's symbols;
 // the integration tests in tests/ exercise it inside a real nginx.
@@ -25,7 +26,7 @@ pub mod tunnel;
 #[cfg(not(test))]
 pub mod variables;
 #[cfg(not(test))]
-pub use glue::{cycle_main_conf, loc_conf, module, ngx_http_ws_module};
+pub use glue::{cycle_main_conf, loc_conf, main_conf, module, ngx_http_ws_module};
 
 /// Module statics, the HttpModule implementation and the header filter.
 #[cfg(not(test))]
@@ -91,6 +92,10 @@ mod glue {
                     ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                     return NGX_CONF_ERROR;
                 }
+            }
+            if mcf.status.handler_used && !mcf.status.enabled() {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", conf::ConfError::StatusNeedsZone);
+                return NGX_CONF_ERROR;
             }
             ptr::null_mut()
         }
@@ -182,6 +187,11 @@ mod glue {
     /// Our location configuration for a request.
     pub fn loc_conf(r: &ngx::http::Request) -> Option<&'static LocConf> {
         Module::location_conf(r)
+    }
+
+    /// Our http main configuration for a request.
+    pub fn main_conf(r: &ngx::http::Request) -> Option<&'static MainConf> {
+        Module::main_conf(r)
     }
 
     /// Our http main configuration in the running cycle.

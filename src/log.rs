@@ -111,6 +111,7 @@ impl LogFile {
         line.clear();
         if write_line(&mut line, record).is_err() {
             self.dropped += 1;
+            crate::status::count_log_dropped(1);
             self.line = line;
             return;
         }
@@ -165,7 +166,9 @@ impl LogFile {
         let written = usize::try_from(n).unwrap_or(0);
         // Records whose line was written whole survive; the rest are lost.
         let whole = data[..written].iter().filter(|&&b| b == b'\n').count() as u64;
-        self.dropped += records.saturating_sub(whole);
+        let lost = records.saturating_sub(whole);
+        self.dropped += lost;
+        crate::status::count_log_dropped(lost);
         let now = ngx_time();
         if now == self.last_error {
             return;

@@ -31,6 +31,7 @@ use crate::record::{
     format_time, CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord,
     PayloadField, SideRecord,
 };
+use crate::status::{self, Slot};
 
 type SendFn = unsafe extern "C" fn(*mut ngx_connection_t, *mut u8, usize) -> isize;
 type FinalizeFn = Option<unsafe extern "C" fn(*mut ngx_http_request_t, ngx_int_t)>;
@@ -76,6 +77,8 @@ struct Recorder {
     request_id: Option<String>,
     /// `ws_log_payload`.
     payload: usize,
+    /// The tunnel's counters in the `ws_status_zone`.
+    stats: Option<Slot>,
 }
 
 /// One tracked WebSocket tunnel.
@@ -188,6 +191,7 @@ pub unsafe fn wants_tunnel(r: *mut ngx_http_request_t) -> bool {
     // SAFETY: a live request is a valid ngx::http::Request.
     let request = unsafe { Request::from_ngx_http_request(r) };
     crate::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
+        || crate::main_conf(request).is_some_and(|m| m.status.enabled())
 }
 
 /// Starts tracking a tunnel at its 101, when every condition of the spec holds.
@@ -284,6 +288,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             conn,
             request_id,
             payload: lcf.payload,
+            stats: None,
         },
         start: now,
         first_close: None,
@@ -323,6 +328,19 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     t.tick.data = t as *mut Tunnel as *mut _;
     t.tick.log = log;
     t.tick.set_cancelable(1);
+    if let Some(m) = mcf.as_deref().filter(|m| m.status.enabled()) {
+        // Labels: the ws_route rule ("" without routing); the upstream{} name, else the
+        // peer's address.
+        let (upstream, upstream_name) = upstream_texts(u);
+        // SAFETY: the request is live.
+        let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
+        let label = routed.or(upstream_name).or(upstream).unwrap_or_default();
+        t.rec.stats = status::slot_for(m, route.as_deref().unwrap_or(""), &label, log);
+        if let Some(s) = t.rec.stats {
+            s.entry().opened();
+        }
+    }
+
     if t.timers.drain > 0 {
         if let Some(m) = mcf {
             t.drain_index = Some(m.drain.tunnels.len());
@@ -339,20 +357,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         let host = non_empty(&req.headers_in.server);
         // SAFETY: the connection's address fields are set for accepted connections.
         let client = unsafe { addr_text((*client_conn).sockaddr, (*client_conn).socklen) };
-        let upstream = if u.peer.sockaddr.is_null() {
-            // SAFETY: peer.name points to a string in configuration or request memory.
-            unsafe { u.peer.name.as_ref() }.and_then(non_empty)
-        } else {
-            addr_text(u.peer.sockaddr, u.peer.socklen)
-        };
+        let (upstream, upstream_name) = upstream_texts(u);
         // SAFETY: the request is live.
         let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
-        let upstream_name = routed.or_else(|| {
-            // SAFETY: u->upstream is the upstream{} configuration, when there is one.
-            unsafe { u.upstream.as_ref() }
-                .filter(|us| us.flags & NGX_HTTP_UPSTREAM_CREATE as usize != 0)
-                .and_then(|us| non_empty(&us.host))
-        });
+        let upstream_name = routed.or(upstream_name);
         let time = now_text();
         let rec = OpenRecord {
             time: &time,
@@ -370,6 +378,21 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         };
         t.rec.write(&rec);
     }
+}
+
+/// The upstream peer's `address:port`, and the upstream{} block's name when there is one.
+fn upstream_texts(u: &ngx::ffi::ngx_http_upstream_t) -> (Option<String>, Option<String>) {
+    let upstream = if u.peer.sockaddr.is_null() {
+        // SAFETY: peer.name points to a string in configuration or request memory.
+        unsafe { u.peer.name.as_ref() }.and_then(non_empty)
+    } else {
+        addr_text(u.peer.sockaddr, u.peer.socklen)
+    };
+    // SAFETY: u->upstream is the upstream{} configuration, when there is one.
+    let upstream_name = unsafe { u.upstream.as_ref() }
+        .filter(|us| us.flags & NGX_HTTP_UPSTREAM_CREATE as usize != 0)
+        .and_then(|us| non_empty(&us.host));
+    (upstream, upstream_name)
 }
 
 fn now_msec() -> ngx_msec_t {
@@ -569,6 +592,9 @@ impl Recorder {
 
     /// Writes the record for something a flow did.
     fn on(&mut self, from: From, e: &Event<'_>, time: &mut Option<String>) {
+        if let Some(s) = self.stats {
+            s.entry().on_event(from, e);
+        }
         let want = self.events & (events::FRAME | events::MESSAGE);
         if want == 0 || self.log.is_none() {
             return;
@@ -1033,6 +1059,7 @@ impl Tunnel {
             closed_by,
             duration_ms,
         });
+        self.count_closed(end, duration_ms);
 
         // Give nginx its pointers back; a recycled connection must never reach a wrapper.
         if cc
@@ -1072,6 +1099,21 @@ impl Tunnel {
             // SAFETY: as above.
             unsafe { lf.as_mut() }.flush_buffer();
         }
+    }
+
+    /// The tunnel's end in the `ws_status_zone`: each side's first Close code, the proxy's
+    /// when it wrote one.
+    fn count_closed(&mut self, end: End, duration_ms: u64) {
+        let Some(s) = self.rec.stats.take() else {
+            return;
+        };
+        let sent = |d: &Direction| d.close_sent.then_some(d.close_code);
+        let proxy = self
+            .closing
+            .filter(|_| self.to_client.close_written || self.to_upstream.close_written)
+            .map(|c| Some(c.code));
+        let codes = [sent(self.client()), sent(self.upstream()), proxy];
+        s.entry().closed(end, codes, duration_ms);
     }
 
     fn unregister_drain(&mut self) {
@@ -1119,6 +1161,9 @@ impl Drop for Tunnel {
             unsafe { ngx_delete_posted_event(&mut self.tick) };
         }
         self.unregister_drain();
+        // Never left counted as active, even if nginx did not finalize through us.
+        let duration_ms = now_msec().wrapping_sub(self.start) as u64;
+        self.count_closed(End::Error, duration_ms);
     }
 }
 

@@ -179,3 +179,31 @@ async fn routing_conf() {
         lines[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_conf() {
+    let (a, b) = two_backends().await;
+    let port = free_port();
+    let ngx = Nginx::start_conf(&example("metrics.conf", port, [a.addr, b.addr]), port);
+    for _ in 0..3 {
+        echo_once(&ngx.url("/chat/room"), None).await;
+    }
+    echo_once(&ngx.url("/direct"), None).await;
+    let direct = b.addr.to_string();
+    let v = crate::metrics::wait_closed(port, "/ws-status", 4).await;
+    let closed = |up: &str| {
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["upstream"] == up)
+            .map(|e| e["tunnels"]["closed"].clone())
+    };
+    assert_eq!(closed("chat_backend"), Some(3.into()), "{v:#}");
+    assert_eq!(closed(&direct), Some(1.into()), "{v:#}");
+    let (code, _, text) = crate::metrics::get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(text.contains(
+        r#"nginx_ws_frames_total{route="",upstream="chat_backend",direction="client",opcode="text"} 3"#
+    ), "{text}");
+}

@@ -5,6 +5,7 @@ mod config;
 mod examples;
 mod harness;
 mod logfile;
+mod metrics;
 mod policy;
 mod route;
 mod timeouts;

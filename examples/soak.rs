@@ -351,7 +351,7 @@ async fn echo_upstream(listener: TcpListener, sh: Arc<Shared>) {
     }
 }
 
-/// Header of an unmasked server binary frame of `len` bytes.
+/// A final frame's header for `len` payload bytes, masked with `mask` when given.
 fn frame_header(opcode: u8, len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
     let m = if mask.is_some() { 0x80 } else { 0 };
     let mut h = vec![0x80 | opcode];
@@ -578,8 +578,8 @@ async fn connect(sh: &Shared, uri: &str) -> Option<Ws> {
 }
 
 /// Reads what is left after a Close: tungstenite answers it, then the stream ends.
-/// How the connection ended after the peer's Close is counted by `what`: a clean end of
-/// stream, or an error (e.g. a reset: the proxy closed TCP before reading the Close reply).
+/// Reads to the end after the peer's Close and counts how the connection ended: a clean end
+/// of stream, or an error (a broken pipe: the proxy closed TCP before the Close reply).
 async fn finish(sh: &Shared, ws: &mut Ws) {
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

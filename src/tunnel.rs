@@ -15,8 +15,8 @@ use ngx::ffi::{
     ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
     ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_get_indexed_variable,
     ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_post_event,
-    ngx_posted_events, ngx_random, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t,
-    NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT,
+    ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr,
+    socklen_t, NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT,
     NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
 };
 use ngx::http::Request;
@@ -34,6 +34,7 @@ use crate::record::{
 use crate::status::{self, Slot};
 
 type SendFn = unsafe extern "C" fn(*mut ngx_connection_t, *mut u8, usize) -> isize;
+type RecvFn = SendFn;
 type FinalizeFn = Option<unsafe extern "C" fn(*mut ngx_http_request_t, ngx_int_t)>;
 
 /// While the proxy waits for a blocked peer to take its Close, it retries this often.
@@ -88,6 +89,9 @@ pub struct Tunnel {
     upstream_conn: *mut ngx_connection_t,
     client_send: ngx_send_pt,
     upstream_send: ngx_send_pt,
+    /// The original `recv`s, wrapped only where the proxy may close the tunnel itself.
+    client_recv: ngx_recv_pt,
+    upstream_recv: ngx_recv_pt,
     finalize: FinalizeFn,
     /// Client -> upstream: the client's frames, the proxy's frames to the upstream.
     pub to_upstream: Flow,
@@ -249,6 +253,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             (*client_conn).log,
         )
     };
+    // SAFETY: as above.
+    let (client_recv, upstream_recv) = unsafe { ((*client_conn).recv, (*upstream_conn).recv) };
     let policy = Policy {
         max_frame: lcf.max_frame as u64,
         max_message: lcf.max_message as u64,
@@ -272,6 +278,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         upstream_conn,
         client_send,
         upstream_send,
+        client_recv,
+        upstream_recv,
         finalize: u.finalize_request,
         to_upstream: Flow::new(capture, policy, (ngx_random() as u32) | 1),
         to_client: Flow::new(
@@ -318,6 +326,19 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     unsafe {
         (*client_conn).send = Some(ngx_http_ws_send_client);
         (*upstream_conn).send = Some(ngx_http_ws_send_upstream);
+        // When the proxy itself closes a tunnel, it waits for both peers' Close replies: a
+        // peer's end of stream must not end the tunnel while the other still owes its reply.
+        if timers.idle > 0
+            || timers.lifetime > 0
+            || timers.ping > 0
+            || timers.drain > 0
+            || policy.max_frame > 0
+            || policy.max_message > 0
+            || policy.protocol_check
+        {
+            (*client_conn).recv = Some(ngx_http_ws_recv_client);
+            (*upstream_conn).recv = Some(ngx_http_ws_recv_upstream);
+        }
         u.finalize_request = Some(ngx_http_ws_finalize);
     }
     ngx_log_debug_http!(request, "ws: tracking tunnel");
@@ -557,6 +578,60 @@ unsafe fn send_through(c: *mut ngx_connection_t, buf: *mut u8, size: usize, from
     t.send(from, data)
 }
 
+/// `recv` of the client connection.
+unsafe extern "C" fn ngx_http_ws_recv_client(
+    c: *mut ngx_connection_t,
+    buf: *mut u8,
+    size: usize,
+) -> isize {
+    // SAFETY: installed only on a tracked tunnel's client connection, called by nginx.
+    unsafe { recv_through(c, buf, size, From::Client) }
+}
+
+/// `recv` of the upstream connection.
+unsafe extern "C" fn ngx_http_ws_recv_upstream(
+    c: *mut ngx_connection_t,
+    buf: *mut u8,
+    size: usize,
+) -> isize {
+    // SAFETY: installed only on a tracked tunnel's upstream connection, called by nginx.
+    unsafe { recv_through(c, buf, size, From::Upstream) }
+}
+
+/// nginx's `recv`, except that while the proxy waits for the other peer's Close reply, an end
+/// of stream from `from` is held back (reported as "again"), so that nginx does not end the
+/// tunnel before that reply; the tunnel's timer ends it when the reply came or after
+/// `ws_close_timeout`.
+///
+/// # Safety
+/// `c` is one of a tracked tunnel's connections; `buf` has room for `size` bytes.
+unsafe fn recv_through(c: *mut ngx_connection_t, buf: *mut u8, size: usize, from: From) -> isize {
+    // SAFETY: per the contract.
+    let Some(t) = (unsafe { tunnel_of(c) }) else {
+        return NGX_ERROR as isize;
+    };
+    let recv = if from == From::Client {
+        t.client_recv
+    } else {
+        t.upstream_recv
+    };
+    let Some(recv) = recv else {
+        return NGX_ERROR as isize;
+    };
+    // SAFETY: nginx's own recv with nginx's arguments.
+    let n = unsafe { recv(c, buf, size) };
+    if n == 0 && t.hold_eof(from) {
+        // SAFETY: the read event of a live connection; as after EAGAIN, nothing is ready.
+        unsafe {
+            let rev = &mut *(*c).read;
+            rev.set_eof(0);
+            rev.set_ready(0);
+        }
+        return NGX_AGAIN as isize;
+    }
+    n
+}
+
 /// Replaces the upstream module's `finalize_request`: the tunnel is over.
 unsafe extern "C" fn ngx_http_ws_finalize(r: *mut ngx_http_request_t, rc: ngx_int_t) {
     // SAFETY: installed only on tracked requests; nginx passes the live main request.
@@ -765,6 +840,19 @@ impl Tunnel {
         if self.tick.posted() == 0 {
             // SAFETY: the event lives in the tunnel, which removes it from the queue in finish.
             unsafe { ngx_post_event(&mut self.tick, ptr::addr_of_mut!(ngx_posted_events)) };
+        }
+    }
+
+    /// Whether an end of stream from `from` must wait: the proxy is closing and the other
+    /// peer, which is still connected, has not answered its Close yet.
+    fn hold_eof(&self, from: From) -> bool {
+        if self.closing.is_none() || self.ending || self.handshake_done() {
+            return false;
+        }
+        match from {
+            // The client left: wait for the upstream's reply.
+            From::Client => !self.to_client.obs.close_sent,
+            _ => !self.to_upstream.obs.close_sent,
         }
     }
 
@@ -1068,11 +1156,22 @@ impl Tunnel {
         {
             cc.send = self.client_send;
         }
+        if cc
+            .recv
+            .is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_recv_client as RecvFn))
+        {
+            cc.recv = self.client_recv;
+        }
         if let Some(u) = uc {
             if u.send
                 .is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_send_upstream as SendFn))
             {
                 u.send = self.upstream_send;
+            }
+            if u.recv
+                .is_some_and(|f| ptr::fn_addr_eq(f, ngx_http_ws_recv_upstream as RecvFn))
+            {
+                u.recv = self.upstream_recv;
             }
         }
 

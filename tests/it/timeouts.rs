@@ -377,3 +377,31 @@ async fn drain_on_reload_sends_1012_and_old_worker_exits() {
     ws.send(Message::Text("after".into())).await.unwrap();
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
 }
+
+/// The upstream answers the proxy's Close and hangs up at once; the client answers later. The
+/// proxy waits for the client's reply instead of cutting it off with the upstream's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_close_reply_is_still_awaited() {
+    let echo = echo_server().await;
+    let ngx = Nginx::start(
+        1,
+        FORMAT,
+        &location(&echo, "ws_idle_timeout 1s; ws_close_timeout 3s;"),
+    );
+    let mut c = raw_client(ngx.port, "/slow").await;
+    let (frames, eof) = read_frames(&mut c, Duration::from_millis(2500)).await;
+    assert!(!eof, "connection closed before the client answered");
+    assert_eq!(frames.last().map(|f| f.0), Some(0x8), "{frames:?}");
+    // Answer 400 ms after the Close came, long after the upstream has hung up.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply = [0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe9 ^ 2];
+    c.write_all(&reply).await.expect("the reply could be sent");
+    let (_, eof) = read_frames(&mut c, Duration::from_secs(3)).await;
+    assert!(eof, "closed after the reply");
+    let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
+    let close = of_event(&recs, "close")[0];
+    assert_eq!(close["end"], "idle_timeout");
+    assert_eq!(close["client"]["close_code"], 1001, "{close}");
+    assert_eq!(close["upstream"]["close_code"], 1001, "{close}");
+    assert!(close["duration_ms"].as_u64().unwrap() < 3000, "{close}");
+}

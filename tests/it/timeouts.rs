@@ -403,5 +403,7 @@ async fn a_slow_close_reply_is_still_awaited() {
     assert_eq!(close["end"], "idle_timeout");
     assert_eq!(close["client"]["close_code"], 1001, "{close}");
     assert_eq!(close["upstream"]["close_code"], 1001, "{close}");
-    assert!(close["duration_ms"].as_u64().unwrap() < 3000, "{close}");
+    // Ended by the completed handshake, not by ws_close_timeout.
+    let log = ngx.read("logs/error.log");
+    assert!(!log.contains("after ws_close_timeout"), "{log}");
 }

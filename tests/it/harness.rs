@@ -151,7 +151,10 @@ impl Nginx {
 
     /// The JSON records of a log file.
     pub fn records(&self, rel: &str) -> Vec<Value> {
-        self.read(rel)
+        let text = self.read(rel);
+        // A line nginx is still writing (no newline yet) is not a record yet.
+        let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
             .collect()

@@ -11,9 +11,8 @@ use ngx::ffi::{
     ngx_add_timer, ngx_del_timer, ngx_event_t, ngx_log_t, ngx_msec_t, ngx_open_file_t, ngx_time,
     time_t, NGX_LOG_ALERT,
 };
-use serde::Serialize;
 
-use crate::record::write_line;
+use crate::record::Line;
 
 /// One `ws_log` file, shared by every scope that names the same path.
 pub struct LogFile {
@@ -106,10 +105,10 @@ impl LogFile {
     }
 
     /// Serializes and writes (or buffers) one record.
-    pub fn write<T: Serialize>(&mut self, record: &T) {
+    pub fn write<T: Line>(&mut self, record: &T) {
         let mut line = core::mem::take(&mut self.line);
         line.clear();
-        if write_line(&mut line, record).is_err() {
+        if record.write_line(&mut line).is_err() {
             self.dropped += 1;
             crate::status::count_log_dropped(1);
             self.line = line;

@@ -7,6 +7,7 @@
 //! recycled, and the wrappers find their tunnel through `c->data`, which nginx sets to the
 //! request on both connections.
 
+use core::cell::Cell;
 use core::ptr::{self, NonNull};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -28,8 +29,8 @@ use crate::frame::Opcode;
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
-    format_time, CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord,
-    PayloadField, SideRecord,
+    CloseRecord, End, FrameRecord, From, Line, MessageRecord, OpcodeField, OpenRecord,
+    PayloadField, SideRecord, TimeText,
 };
 use crate::status::{self, Slot};
 
@@ -384,7 +385,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         let upstream_name = routed.or(upstream_name);
         let time = now_text();
         let rec = OpenRecord {
-            time: &time,
+            time: time.as_str(),
             event: "open",
             conn: t.rec.conn,
             request_id: t.rec.request_id.as_deref(),
@@ -421,9 +422,21 @@ fn now_msec() -> ngx_msec_t {
     unsafe { ngx_current_msec }
 }
 
-fn now_text() -> String {
+/// The time for records, formatted once per millisecond (nginx's cached clock).
+fn now_text() -> TimeText {
+    thread_local! {
+        static LAST: Cell<Option<(i64, u32, TimeText)>> = const { Cell::new(None) };
+    }
     let tp = ngx::ffi::ngx_timeofday();
-    format_time(tp.sec, tp.msec as u32)
+    let (sec, msec) = (tp.sec, tp.msec as u32);
+    LAST.with(|last| match last.get() {
+        Some((s, m, text)) if s == sec && m == msec => text,
+        _ => {
+            let text = TimeText::new(sec, msec);
+            last.set(Some((sec, msec, text)));
+            text
+        }
+    })
 }
 
 /// RSV bits the extensions negotiated in the 101 may use: permessage-deflate uses RSV1; for
@@ -658,7 +671,7 @@ unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
 }
 
 impl Recorder {
-    fn write<T: serde::Serialize>(&self, record: &T) {
+    fn write<T: Line>(&self, record: &T) {
         if let Some(mut lf) = self.log {
             // SAFETY: LogFiles live in the configuration pool, which outlives requests.
             unsafe { lf.as_mut() }.write(record);
@@ -666,7 +679,7 @@ impl Recorder {
     }
 
     /// Writes the record for something a flow did.
-    fn on(&mut self, from: From, e: &Event<'_>, time: &mut Option<String>) {
+    fn on(&mut self, from: From, e: &Event<'_>, time: &mut Option<TimeText>) {
         if let Some(s) = self.stats {
             s.entry().on_event(from, e);
         }
@@ -674,7 +687,15 @@ impl Recorder {
         if want == 0 || self.log.is_none() {
             return;
         }
-        let time: &str = time.get_or_insert_with(now_text);
+        let wanted = match e {
+            Event::Peer(Observed::Frame(_)) | Event::Proxy { .. } => want & events::FRAME != 0,
+            Event::Peer(Observed::Message(_)) => want & events::MESSAGE != 0,
+            Event::PongConsumed => false,
+        };
+        if !wanted {
+            return;
+        }
+        let time: &str = time.get_or_insert_with(now_text).as_str();
         match e {
             Event::Peer(Observed::Frame(f)) if want & events::FRAME != 0 => {
                 let h = f.header;
@@ -1178,7 +1199,7 @@ impl Tunnel {
         if self.rec.events & events::CLOSE != 0 {
             let time = now_text();
             let rec = CloseRecord {
-                time: &time,
+                time: time.as_str(),
                 event: "close",
                 conn: self.rec.conn,
                 request_id: self.rec.request_id.as_deref(),

@@ -4,7 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use nginx_ws_fuzz::frame::Opcode;
-use nginx_ws_fuzz::record::{write_line, FrameRecord, From, MessageRecord, OpcodeField, PayloadField};
+use nginx_ws_fuzz::record::{
+    serde_line, FrameRecord, From, Line, MessageRecord, OpcodeField, PayloadField,
+};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -34,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
         reason: Some(&reason),
     };
     let mut out = Vec::new();
-    write_line(&mut out, &rec).unwrap();
+    rec.write_line(&mut out).unwrap();
+    // The hand-written line is byte for byte serde's.
+    let mut by_serde = Vec::new();
+    serde_line(&mut by_serde, &rec).unwrap();
+    assert_eq!(out, by_serde);
     assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["event"], "frame");
@@ -62,7 +68,10 @@ fuzz_target!(|data: &[u8]| {
         payload_truncated: Some(truncated),
     };
     out.clear();
-    write_line(&mut out, &m).unwrap();
+    m.write_line(&mut out).unwrap();
+    by_serde.clear();
+    serde_line(&mut by_serde, &m).unwrap();
+    assert_eq!(out, by_serde);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["request_id"].as_str().unwrap(), reason);
 });

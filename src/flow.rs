@@ -428,6 +428,9 @@ impl Flow {
 
     /// At a boundary: queues a requested Close (first) or Ping. Returns whether it did.
     fn queue_injection(&mut self) -> bool {
+        if self.close_request.is_none() && self.ping_request.is_none() {
+            return false;
+        }
         if let Some((code, reason, mask)) = self.close_request.take() {
             let mut payload = code.to_be_bytes().to_vec();
             payload.extend_from_slice(reason.as_bytes());

@@ -167,17 +167,27 @@ impl Parser {
         while !data.is_empty() {
             match self.state {
                 State::Header => {
-                    let need = header_len(&self.hdr[..self.hdr_have]);
-                    let take = (need - self.hdr_have).min(data.len());
-                    self.hdr[self.hdr_have..self.hdr_have + take].copy_from_slice(&data[..take]);
-                    self.hdr_have += take;
-                    data = &data[take..];
-                    // The length bytes may have told us the header is longer than we thought.
-                    if self.hdr_have < header_len(&self.hdr[..self.hdr_have]) {
-                        continue;
-                    }
-                    let h = decode_header(&self.hdr[..self.hdr_have]);
-                    self.hdr_have = 0;
+                    let h = if self.hdr_have == 0 && data.len() >= header_len(data) {
+                        // The whole header is in this buffer (the usual case): no copy.
+                        let n = header_len(data);
+                        let h = decode_header(&data[..n]);
+                        data = &data[n..];
+                        h
+                    } else {
+                        let need = header_len(&self.hdr[..self.hdr_have]);
+                        let take = (need - self.hdr_have).min(data.len());
+                        self.hdr[self.hdr_have..self.hdr_have + take]
+                            .copy_from_slice(&data[..take]);
+                        self.hdr_have += take;
+                        data = &data[take..];
+                        // The length bytes may have said the header is longer than we thought.
+                        if self.hdr_have < header_len(&self.hdr[..self.hdr_have]) {
+                            continue;
+                        }
+                        let h = decode_header(&self.hdr[..self.hdr_have]);
+                        self.hdr_have = 0;
+                        h
+                    };
                     self.done = 0;
                     self.current = Some(h);
                     f(Event::Header(h));

@@ -81,6 +81,11 @@ impl Direction {
         Direction::default()
     }
 
+    /// Completed data frames (text, binary, continuation).
+    pub fn data_frames(&self) -> u64 {
+        self.by_opcode[0] + self.by_opcode[1] + self.by_opcode[2]
+    }
+
     /// True when the next byte of this direction starts a new frame.
     pub fn at_boundary(&self) -> bool {
         self.parser.at_boundary()

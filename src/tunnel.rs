@@ -671,6 +671,12 @@ unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
 }
 
 impl Recorder {
+    /// Whether `on` does anything with frame and message events.
+    fn wants_events(&self) -> bool {
+        self.stats.is_some()
+            || (self.log.is_some() && self.events & (events::FRAME | events::MESSAGE) != 0)
+    }
+
     fn write<T: Line>(&self, record: &T) {
         if let Some(mut lf) = self.log {
             // SAFETY: LogFiles live in the configuration pool, which outlives requests.
@@ -813,18 +819,27 @@ impl Tunnel {
             ),
         };
         let had_close = flow.obs.close_sent;
+        let data_frames = flow.obs.data_frames();
         let rec = &mut self.rec;
-        let mut time = None;
-        let mut data_frame = false;
         let mut pong = false;
-        let sent = flow.send(data, &mut sink, &mut |e| {
-            match &e {
-                Event::Peer(Observed::Frame(f)) if f.header.opcode.is_data() => data_frame = true,
-                Event::PongConsumed => pong = true,
-                _ => {}
-            }
-            rec.on(from, &e, &mut time);
-        });
+        // Without metrics or frame/message records nothing needs the events one by one: the
+        // quiet path lets the compiler drop their construction from the parser's loop.
+        let sent = if rec.wants_events() {
+            let mut time = None;
+            flow.send(data, &mut sink, &mut |e| {
+                if let Event::PongConsumed = e {
+                    pong = true;
+                }
+                rec.on(from, &e, &mut time);
+            })
+        } else {
+            flow.send(data, &mut sink, &mut |e| {
+                if let Event::PongConsumed = e {
+                    pong = true;
+                }
+            })
+        };
+        let data_frame = flow.obs.data_frames() != data_frames;
         let closed_now = !had_close && flow.obs.close_sent;
         let mid_data = flow.obs.in_data_frame();
         let violation = flow.violation.take();

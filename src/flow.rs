@@ -212,6 +212,17 @@ impl Flow {
         self.policy.active() || self.watch_pong.is_some()
     }
 
+    /// Nothing pending, held, requested or judged: peer bytes just pass.
+    fn idle(&self) -> bool {
+        self.retry.is_none()
+            && !self.closed
+            && self.inject.is_empty()
+            && self.held.is_empty()
+            && self.close_request.is_none()
+            && self.ping_request.is_none()
+            && !self.judging()
+    }
+
     /// Whether the proxy has bytes of its own waiting to be written.
     pub fn has_pending(&self) -> bool {
         self.inject_off < self.inject.len()
@@ -257,6 +268,26 @@ impl Flow {
         sink: &mut S,
         on: &mut F,
     ) -> Sent {
+        if self.idle() {
+            // The usual case, in one write: what the loop below does when the proxy has
+            // nothing of its own to send, to hold or to judge.
+            if buf.is_empty() {
+                return Sent::Consumed(0);
+            }
+            return match sink.write(buf) {
+                Write::Done(n) => {
+                    let n = n.min(buf.len());
+                    self.obs
+                        .feed(&buf[..n], self.capture, |o| on(Event::Peer(o)));
+                    Sent::Consumed(n)
+                }
+                Write::Again => {
+                    self.retry = Some(Src::Peer(buf.len()));
+                    Sent::Again
+                }
+                Write::Error => Sent::Error,
+            };
+        }
         let mut consumed = 0;
         let progress = |consumed: usize| {
             if consumed > 0 {

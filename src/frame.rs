@@ -113,6 +113,8 @@ pub struct Parser {
     current: Option<FrameHeader>,
     /// Payload bytes of the current frame already seen.
     done: u64,
+    /// The current frame ended: `End` is the next event.
+    end_due: bool,
 }
 
 impl Default for Parser {
@@ -129,6 +131,7 @@ impl Parser {
             hdr_have: 0,
             current: None,
             done: 0,
+            end_due: false,
         }
     }
 
@@ -164,14 +167,31 @@ impl Parser {
 
     /// Feeds `data` and calls `f` for every event, in stream order.
     pub fn feed<F: FnMut(Event<'_>)>(&mut self, mut data: &[u8], mut f: F) {
-        while !data.is_empty() {
+        while let Some(ev) = self.next_event(&mut data) {
+            f(ev);
+        }
+    }
+
+    /// The next event from `data`, advancing it past the bytes used; `None` when `data` is
+    /// used up. Call until `None`: the same events as [`Parser::feed`], for callers that want
+    /// them in a loop of their own rather than in a callback.
+    #[inline(always)]
+    pub fn next_event<'d>(&mut self, data: &mut &'d [u8]) -> Option<Event<'d>> {
+        if self.end_due {
+            self.end_due = false;
+            return Some(Event::End);
+        }
+        loop {
+            if data.is_empty() {
+                return None;
+            }
             match self.state {
                 State::Header => {
                     let h = if self.hdr_have == 0 && data.len() >= header_len(data) {
                         // The whole header is in this buffer (the usual case): no copy.
                         let n = header_len(data);
                         let h = decode_header(&data[..n]);
-                        data = &data[n..];
+                        *data = &data[n..];
                         h
                     } else {
                         let need = header_len(&self.hdr[..self.hdr_have]);
@@ -179,7 +199,7 @@ impl Parser {
                         self.hdr[self.hdr_have..self.hdr_have + take]
                             .copy_from_slice(&data[..take]);
                         self.hdr_have += take;
-                        data = &data[take..];
+                        *data = &data[take..];
                         // The length bytes may have said the header is longer than we thought.
                         if self.hdr_have < header_len(&self.hdr[..self.hdr_have]) {
                             continue;
@@ -190,12 +210,12 @@ impl Parser {
                     };
                     self.done = 0;
                     self.current = Some(h);
-                    f(Event::Header(h));
                     if h.len == 0 {
-                        f(Event::End);
+                        self.end_due = true;
                     } else {
                         self.state = State::Payload;
                     }
+                    return Some(Event::Header(h));
                 }
                 State::Payload => {
                     let len = self.current.map_or(0, |h| h.len);
@@ -203,15 +223,16 @@ impl Parser {
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
                     let offset = self.done;
                     self.done += take as u64;
-                    f(Event::Payload {
-                        offset,
-                        data: &data[..take],
-                    });
-                    data = &data[take..];
+                    let (payload, rest) = data.split_at(take);
+                    *data = rest;
                     if self.done == len {
                         self.state = State::Header;
-                        f(Event::End);
+                        self.end_due = true;
                     }
+                    return Some(Event::Payload {
+                        offset,
+                        data: payload,
+                    });
                 }
             }
         }
@@ -242,6 +263,7 @@ fn header_len(seen: &[u8]) -> usize {
     2 + ext + mask
 }
 
+#[inline(always)]
 fn decode_header(b: &[u8]) -> FrameHeader {
     let len7 = b[1] & 0x7f;
     let (len, mut pos) = match len7 {

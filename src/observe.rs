@@ -124,100 +124,103 @@ impl Direction {
             control,
         } = self;
 
-        parser.feed(data, |ev| match ev {
-            Event::Header(h) => {
-                *cur = Some(h);
-                frame_capture.clear();
-                *frame_truncated = false;
-                control.clear();
-                match h.opcode {
-                    Opcode::Text | Opcode::Binary => {
-                        *msg = Some(Message {
-                            kind: h.opcode,
-                            len: 0,
-                            frames: 0,
-                            compressed: cap.deflate && h.rsv1,
-                            payload: Vec::new(),
-                            truncated: false,
-                        });
-                    }
-                    Opcode::Continuation if msg.is_none() => {
-                        // A continuation without a start: counted as a frame, no message.
-                    }
-                    _ => {}
-                }
-            }
-            Event::Payload { offset, data } => {
-                *bytes += data.len() as u64;
-                let Some(h) = cur.as_ref() else { return };
-                if h.opcode.is_control() {
-                    let room = CONTROL_MAX.saturating_sub(control.len());
-                    keep(control, data, room, h.mask, offset);
-                    return;
-                }
-                if !h.opcode.is_data() {
-                    return;
-                }
-                let Some(m) = msg.as_mut() else { return };
-                m.len += data.len() as u64;
-                if cap.payload == 0 || m.compressed {
-                    return;
-                }
-                let room = cap.payload.saturating_sub(frame_capture.len());
-                if data.len() > room {
-                    *frame_truncated = true;
-                }
-                keep(frame_capture, data, room, h.mask, offset);
-                let room = cap.payload.saturating_sub(m.payload.len());
-                if data.len() > room {
-                    m.truncated = true;
-                }
-                keep(&mut m.payload, data, room, h.mask, offset);
-            }
-            Event::End => {
-                let Some(h) = cur.take() else { return };
-                *frames += 1;
-                by_opcode[usize::from(h.opcode.as_u8() & 0x0f)] += 1;
-                let mut frame = Frame {
-                    header: h,
-                    message_kind: None,
-                    payload: None,
-                    truncated: false,
-                    close_code: None,
-                    close_reason: None,
-                };
-                if h.opcode == Opcode::Close {
-                    let (code, reason) = parse_close_payload(control);
-                    if !*close_sent {
-                        *close_sent = true;
-                        *close_code = code;
-                        close_reason.clone_from(&reason);
-                    }
-                    frame.close_code = code;
-                    frame.close_reason = reason;
-                }
-                let mut finished = false;
-                if h.opcode.is_data() {
-                    if let Some(m) = msg.as_mut() {
-                        m.frames += 1;
-                        frame.message_kind = Some(m.kind);
-                        if cap.payload > 0 && !m.compressed {
-                            frame.payload = Some(frame_capture.as_slice());
-                            frame.truncated = *frame_truncated;
+        let mut data = data;
+        while let Some(ev) = parser.next_event(&mut data) {
+            match ev {
+                Event::Header(h) => {
+                    *cur = Some(h);
+                    frame_capture.clear();
+                    *frame_truncated = false;
+                    control.clear();
+                    match h.opcode {
+                        Opcode::Text | Opcode::Binary => {
+                            *msg = Some(Message {
+                                kind: h.opcode,
+                                len: 0,
+                                frames: 0,
+                                compressed: cap.deflate && h.rsv1,
+                                payload: Vec::new(),
+                                truncated: false,
+                            });
                         }
-                        finished = h.fin;
+                        Opcode::Continuation if msg.is_none() => {
+                            // A continuation without a start: counted as a frame, no message.
+                        }
+                        _ => {}
                     }
                 }
-                f(Observed::Frame(frame));
-                if finished {
-                    *messages += 1;
-                    if let Some(m) = msg.as_ref() {
-                        f(Observed::Message(m));
+                Event::Payload { offset, data } => {
+                    *bytes += data.len() as u64;
+                    let Some(h) = cur.as_ref() else { continue };
+                    if h.opcode.is_control() {
+                        let room = CONTROL_MAX.saturating_sub(control.len());
+                        keep(control, data, room, h.mask, offset);
+                        continue;
                     }
-                    *msg = None;
+                    if !h.opcode.is_data() {
+                        continue;
+                    }
+                    let Some(m) = msg.as_mut() else { continue };
+                    m.len += data.len() as u64;
+                    if cap.payload == 0 || m.compressed {
+                        continue;
+                    }
+                    let room = cap.payload.saturating_sub(frame_capture.len());
+                    if data.len() > room {
+                        *frame_truncated = true;
+                    }
+                    keep(frame_capture, data, room, h.mask, offset);
+                    let room = cap.payload.saturating_sub(m.payload.len());
+                    if data.len() > room {
+                        m.truncated = true;
+                    }
+                    keep(&mut m.payload, data, room, h.mask, offset);
+                }
+                Event::End => {
+                    let Some(h) = cur.take() else { continue };
+                    *frames += 1;
+                    by_opcode[usize::from(h.opcode.as_u8() & 0x0f)] += 1;
+                    let mut frame = Frame {
+                        header: h,
+                        message_kind: None,
+                        payload: None,
+                        truncated: false,
+                        close_code: None,
+                        close_reason: None,
+                    };
+                    if h.opcode == Opcode::Close {
+                        let (code, reason) = parse_close_payload(control);
+                        if !*close_sent {
+                            *close_sent = true;
+                            *close_code = code;
+                            close_reason.clone_from(&reason);
+                        }
+                        frame.close_code = code;
+                        frame.close_reason = reason;
+                    }
+                    let mut finished = false;
+                    if h.opcode.is_data() {
+                        if let Some(m) = msg.as_mut() {
+                            m.frames += 1;
+                            frame.message_kind = Some(m.kind);
+                            if cap.payload > 0 && !m.compressed {
+                                frame.payload = Some(frame_capture.as_slice());
+                                frame.truncated = *frame_truncated;
+                            }
+                            finished = h.fin;
+                        }
+                    }
+                    f(Observed::Frame(frame));
+                    if finished {
+                        *messages += 1;
+                        if let Some(m) = msg.as_ref() {
+                            f(Observed::Message(m));
+                        }
+                        *msg = None;
+                    }
                 }
             }
-        });
+        }
     }
 }
 

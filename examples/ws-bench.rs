@@ -38,8 +38,11 @@ const USAGE: &str = "usage: ws-bench --nginx PATH --module PATH --out DIR [optio
   --work DIR          nginx/HAProxy prefixes (default: DIR/run)
   --quick             the under-a-minute run: 2 rounds, short measurements, no 1000-connection
                       workloads, 1000 idle tunnels
-  --rounds N          rounds per workload (default 3)
-  --duration SECS     measured time per configuration and round (default 1)
+  --rounds N          rounds per workload (default 5)
+  --duration SECS     measured time per configuration and round (default 0.6)
+  --pin               pin the proxy to CPU 1, the generator and the upstream to CPU 0
+                      (steadier on an otherwise idle machine; worse when other work runs,
+                      since the pinned processes cannot move away from it)
   --idle N            idle tunnels for the memory figure (default 10000; 0 skips)
   --only LIST         comma-separated workload id prefixes to run (echo, stream, idle,
                       echo-64B, ...)
@@ -55,6 +58,7 @@ struct Args {
     out: PathBuf,
     work: Option<PathBuf>,
     quick: bool,
+    pin: bool,
     rounds: usize,
     duration: Duration,
     warmup: Duration,
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
     let mut out = None;
     let mut work = None;
     let mut quick = false;
+    let mut pin = false;
     let mut rounds = None;
     let mut duration = None;
     let mut idle = None;
@@ -89,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
             "--work" => work = Some(PathBuf::from(value()?)),
             "--criterion" => criterion = Some(PathBuf::from(value()?)),
             "--quick" => quick = true,
+            "--pin" => pin = true,
             "--rounds" => {
                 let v = value()?;
                 rounds = Some(v.parse().map_err(|e| format!("--rounds {v}: {e}"))?);
@@ -113,8 +119,9 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let haproxy = haproxy.or_else(|| which("haproxy"));
-    let rounds = rounds.unwrap_or(if quick { 2 } else { 3 }).max(1);
-    let duration = duration.unwrap_or(Duration::from_millis(if quick { 250 } else { 1000 }));
+    let rounds = rounds.unwrap_or(if quick { 2 } else { 5 }).max(1);
+    let duration = duration.unwrap_or(Duration::from_millis(if quick { 250 } else { 600 }));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Args {
         nginx: nginx.ok_or("--nginx is required")?,
         module: module.ok_or("--module is required")?,
@@ -122,9 +129,10 @@ fn parse_args() -> Result<Args, String> {
         out: out.ok_or("--out is required")?,
         work,
         quick,
+        pin: pin && cpus >= 2,
         rounds,
         duration,
-        warmup: duration.mul_f64(0.25).min(Duration::from_millis(250)),
+        warmup: (duration / 3).min(Duration::from_millis(300)),
         sizes: vec![64, 1024, 64 * 1024],
         conns: if quick {
             vec![1, 64]
@@ -350,9 +358,12 @@ impl Proxy {
             if up && t.is_nginx() {
                 if let [w] = children(p.child.id() as i32)[..] {
                     p.pid = w;
-                    return Ok(p);
                 }
-            } else if up {
+            }
+            if up && (p.pid != p.child.id() as i32 || !t.is_nginx()) {
+                if args.pin && !pin(p.pid, PROXY_CPU) {
+                    return Err(format!("cannot pin {} to CPU {PROXY_CPU}", t.id()));
+                }
                 return Ok(p);
             }
             if Instant::now() > deadline {
@@ -452,6 +463,39 @@ fn cpu_ns(pid: i32) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(f.iter().sum::<u64>() * 1_000_000_000 / hz)
+}
+
+/// The CPU the measured proxy process runs on; the generator and the upstream run on CPU 0.
+const PROXY_CPU: usize = 1;
+
+/// Pins every thread of `pid` (0: the calling thread) to `cpu`; false if the kernel refused.
+fn pin(pid: i32, cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is plain data and all zeroes is the empty set; `cpu` is below
+    // CPU_SETSIZE (the callers pass 0 and 1).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
+    };
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    !tids.is_empty()
+        && tids.iter().all(|t| {
+            // SAFETY: a valid cpu_set_t of the size given.
+            let rc = unsafe {
+                libc::sched_setaffinity(*t, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            rc == 0
+        })
 }
 
 fn rss_kib(pid: i32) -> Option<u64> {
@@ -666,17 +710,14 @@ async fn upstream_serve(tcp: TcpStream, up: &Upstream) {
         return;
     };
     while let Some(Ok(m)) = ws.next().await {
-        match m {
-            Message::Text(_) | Message::Binary(_) if sink => {
-                up.sink_msgs.fetch_add(1, Relaxed);
-                up.sink_bytes.fetch_add(m.len() as u64, Relaxed);
-            }
-            Message::Text(_) | Message::Binary(_) => {
-                if ws.send(m).await.is_err() {
-                    return;
-                }
-            }
-            _ => {}
+        if !m.is_text() && !m.is_binary() {
+            continue;
+        }
+        if sink {
+            up.sink_msgs.fetch_add(1, Relaxed);
+            up.sink_bytes.fetch_add(m.len() as u64, Relaxed);
+        } else if ws.send(m).await.is_err() {
+            return;
         }
     }
 }
@@ -1084,6 +1125,10 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // Before any thread or child exists, so that all of them inherit it.
+    if args.pin && !pin(0, 0) {
+        return Err("cannot pin the generator to CPU 0".into());
+    }
 
     // The clients run on this thread, the upstream in a process of its own.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1110,16 +1155,6 @@ fn run(args: &Args) -> Result<(), String> {
         ports: BTreeMap::new(),
         proxies: BTreeMap::new(),
     };
-    for t in &targets {
-        if *t == Target::Direct {
-            bench.ports.insert(*t, echo_ports[t]);
-            continue;
-        }
-        let p = Proxy::start(args, limit, &work, *t, echo_ports[t])?;
-        bench.ports.insert(*t, p.port);
-        bench.proxies.insert(*t, p);
-    }
-
     let mut works = Vec::new();
     for &conns in &args.conns {
         for &size in &args.sizes {
@@ -1131,6 +1166,15 @@ fn run(args: &Args) -> Result<(), String> {
         conns: 1,
     });
     works.retain(|w| selected(args, &w.id()));
+    for t in targets.iter().filter(|_| !works.is_empty()) {
+        if *t == Target::Direct {
+            bench.ports.insert(*t, echo_ports[t]);
+            continue;
+        }
+        let p = Proxy::start(args, limit, &work, *t, echo_ports[t])?;
+        bench.ports.insert(*t, p.port);
+        bench.proxies.insert(*t, p);
+    }
 
     let mut results = Vec::new();
     for w in works {
@@ -1226,15 +1270,25 @@ fn run(args: &Args) -> Result<(), String> {
     let md = report.markdown();
     write("results.md", &md)?;
     write("ratios.dat", &report.ratios_dat())?;
-    write("ratios.gp", GNUPLOT)?;
-    match Command::new("gnuplot")
-        .arg("ratios.gp")
-        .current_dir(&args.out)
-        .status()
-    {
-        Ok(s) if s.success() => {}
-        Ok(s) => say(&format!("gnuplot failed ({s}): no ratios.png")),
-        Err(_) => say("no gnuplot: no ratios.png"),
+    let columns = report.proxies().count(); // the workload column, and all but stock
+    write(
+        "ratios.gp",
+        &GNUPLOT.replace("COLUMNS", &columns.to_string()),
+    )?;
+    let chart = if results.is_empty() {
+        None
+    } else {
+        Command::new("gnuplot")
+            .arg("ratios.gp")
+            .current_dir(&args.out)
+            .status()
+            .ok()
+    };
+    match chart {
+        Some(s) if s.success() => {}
+        Some(s) => say(&format!("gnuplot failed ({s}): no ratios.png")),
+        None if results.is_empty() => {}
+        None => say("no gnuplot: no ratios.png"),
     }
     println!("{md}");
     say(&format!(
@@ -1255,10 +1309,10 @@ fn machine(args: &Args, load_start: &str, load_end: &str) -> BTreeMap<&'static s
         .and_then(|l| l.split_once(':'))
         .map_or("unknown".into(), |(_, v)| v.trim().to_string());
     m.insert("cpu", model);
-    m.insert(
-        "nproc",
-        std::thread::available_parallelism().map_or("?".into(), |n| n.to_string()),
-    );
+    // Online CPUs, not this process's affinity (which --pin narrows).
+    // SAFETY: sysconf has no preconditions.
+    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    m.insert("nproc", nproc.to_string());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     m.insert("kernel", kernel.trim().to_string());
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -1354,8 +1408,7 @@ set yrange [0:*]
 set xtics rotate by -25
 set ylabel "worker CPU per message / stock nginx"
 set title "nginx-ws: proxy CPU per message relative to stock nginx (median of the rounds)"
-stats 'ratios.dat' skip 1 nooutput
-plot for [i=2:STATS_columns] 'ratios.dat' using i:xtic(1), 1 with lines lc rgb "black" dt 2 notitle
+plot for [i=2:COLUMNS] 'ratios.dat' using i:xtic(1), 1 with lines lc rgb "black" dt 2 notitle
 "#;
 
 struct Report<'a> {
@@ -1473,7 +1526,8 @@ impl Report<'_> {
         let _ = writeln!(
             o,
             "{} run on {}: {} × {} ({} cores), {} RAM, Linux {}, nginx {}, {}. \
-             {} rounds of {:.2} s per configuration and workload, interleaved; total {:.0} s. \
+             {} rounds of {:.2} s per configuration and workload, interleaved; {}; \
+             total {:.0} s. \
              Load average at the start: {}; at the end: {}.\n",
             if a.quick { "Quick" } else { "Full" },
             get("date"),
@@ -1486,6 +1540,11 @@ impl Report<'_> {
             m.get("haproxy").map_or("no HAProxy", String::as_str),
             a.rounds,
             a.duration.as_secs_f64(),
+            if a.pin {
+                "the proxy pinned to CPU 1, the generator and the upstream to CPU 0"
+            } else {
+                "no CPU pinning"
+            },
             self.elapsed,
             get("loadavg_start"),
             get("loadavg_end"),
@@ -1754,6 +1813,7 @@ impl Report<'_> {
             "machine": self.machine,
             "quick": self.args.quick,
             "rounds": self.args.rounds,
+            "pinned": self.args.pin,
             "duration_s": self.args.duration.as_secs_f64(),
             "elapsed_s": self.elapsed,
             "configurations": configs,

@@ -1341,7 +1341,10 @@ fn machine(args: &Args, load_start: &str, load_end: &str) -> BTreeMap<&'static s
         version(&args.nginx, "-v").replace("nginx version: ", ""),
     );
     if let Some(h) = &args.haproxy {
-        m.insert("haproxy", version(h, "-v"));
+        // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+        let v = version(h, "-v");
+        let v = v.split(" - ").next().unwrap_or("").replace(" version", "");
+        m.insert("haproxy", v);
     }
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -1532,7 +1535,7 @@ impl Report<'_> {
         let _ = writeln!(o, "# nginx-ws benchmark results\n");
         let _ = writeln!(
             o,
-            "{} run on {}: {} × {} ({} cores), {} RAM, Linux {}, nginx {}, {}. \
+            "{} run on {}: {} × {} ({} cores), {} RAM, Linux {}, {}, {}. \
              {} rounds of {:.2} s per configuration and workload, interleaved; {}; \
              total {:.0} s. \
              Load average at the start: {}; at the end: {}.\n",

@@ -1,0 +1,1864 @@
+//! The benchmark load generator that `scripts/bench` runs (see the README's Benchmarks).
+//!
+//! Starts every configuration itself on 127.0.0.1 — the echo upstream directly, stock nginx,
+//! nginx with the module loaded but no `ws_*` directive, the module tracking with `close`
+//! records, with `frame` records, with `frame` records and `ws_log_payload 64`, and HAProxy —
+//! and measures them interleaved: for each workload, each round runs every configuration
+//! once. The upstream is an in-process WebSocket echo/sink on its own runtime thread, the same
+//! for all configurations. Figures: messages/s, MB/s, round-trip latency, CPU time of the one
+//! nginx worker (or the HAProxy process) per 10^5 messages from /proc, worker RSS per idle
+//! tunnel, and each configuration's ratio to stock nginx in the same round. Writes
+//! results.json, results.md, ratios.dat and (with gnuplot) ratios.png into `--out`.
+//!
+//!     ws-bench --nginx PATH --module PATH --out DIR [options]
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const USAGE: &str = "usage: ws-bench --nginx PATH --module PATH --out DIR [options]
+
+  --nginx PATH        nginx binary (the vendored build)
+  --module PATH       libnginx_ws.so
+  --haproxy PATH      HAProxy binary (default: haproxy on PATH; skipped when missing)
+  --out DIR           results folder (created)
+  --work DIR          nginx/HAProxy prefixes (default: DIR/run)
+  --quick             the under-a-minute run: 2 rounds, short measurements, no 1000-connection
+                      workloads, 1000 idle tunnels
+  --rounds N          rounds per workload (default 5)
+  --duration SECS     measured time per configuration and round (default 0.6)
+  --pin               pin the proxy to CPU 1, the generator and the upstream to CPU 0
+                      (steadier on an otherwise idle machine; worse when other work runs,
+                      since the pinned processes cannot move away from it)
+  --idle N            idle tunnels for the memory figure (default 10000; 0 skips)
+  --only LIST         comma-separated workload id prefixes to run (echo, stream, idle,
+                      echo-64B, ...)
+  --criterion DIR     criterion's output folder (target/criterion): parser figures for the
+                      report";
+
+// --- Arguments --------------------------------------------------------------------------------
+
+struct Args {
+    nginx: PathBuf,
+    module: PathBuf,
+    haproxy: Option<PathBuf>,
+    out: PathBuf,
+    work: Option<PathBuf>,
+    quick: bool,
+    pin: bool,
+    rounds: usize,
+    duration: Duration,
+    warmup: Duration,
+    sizes: Vec<usize>,
+    conns: Vec<usize>,
+    stream_size: usize,
+    idle: usize,
+    only: Vec<String>,
+    criterion: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut nginx = None;
+    let mut module = None;
+    let mut haproxy = None;
+    let mut out = None;
+    let mut work = None;
+    let mut quick = false;
+    let mut pin = false;
+    let mut rounds = None;
+    let mut duration = None;
+    let mut idle = None;
+    let mut only = Vec::new();
+    let mut criterion = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--nginx" => nginx = Some(PathBuf::from(value()?)),
+            "--module" => module = Some(PathBuf::from(value()?)),
+            "--haproxy" => haproxy = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--work" => work = Some(PathBuf::from(value()?)),
+            "--criterion" => criterion = Some(PathBuf::from(value()?)),
+            "--quick" => quick = true,
+            "--pin" => pin = true,
+            "--rounds" => {
+                let v = value()?;
+                rounds = Some(v.parse().map_err(|e| format!("--rounds {v}: {e}"))?);
+            }
+            "--duration" => {
+                let v = value()?;
+                let s: f64 = v.parse().map_err(|e| format!("--duration {v}: {e}"))?;
+                duration = Some(
+                    Duration::try_from_secs_f64(s).map_err(|e| format!("--duration {v}: {e}"))?,
+                );
+            }
+            "--idle" => {
+                let v = value()?;
+                idle = Some(v.parse().map_err(|e| format!("--idle {v}: {e}"))?);
+            }
+            "--only" => only.extend(value()?.split(',').map(str::to_string)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    let haproxy = haproxy.or_else(|| which("haproxy"));
+    let rounds = rounds.unwrap_or(if quick { 2 } else { 5 }).max(1);
+    let duration = duration.unwrap_or(Duration::from_millis(if quick { 250 } else { 600 }));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(Args {
+        nginx: nginx.ok_or("--nginx is required")?,
+        module: module.ok_or("--module is required")?,
+        haproxy,
+        out: out.ok_or("--out is required")?,
+        work,
+        quick,
+        pin: pin && cpus >= 2,
+        rounds,
+        duration,
+        warmup: (duration / 3).min(Duration::from_millis(300)),
+        sizes: vec![64, 1024, 64 * 1024],
+        conns: if quick {
+            vec![1, 64]
+        } else {
+            vec![1, 64, 1000]
+        },
+        stream_size: 64 * 1024,
+        idle: idle.unwrap_or(if quick { 1000 } else { 10_000 }),
+        only,
+        criterion,
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+// --- Configurations ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Direct,
+    Stock,
+    Loaded,
+    Close,
+    Frame,
+    Payload,
+    Haproxy,
+}
+
+const TARGETS: [Target; 7] = [
+    Target::Direct,
+    Target::Stock,
+    Target::Loaded,
+    Target::Close,
+    Target::Frame,
+    Target::Payload,
+    Target::Haproxy,
+];
+
+impl Target {
+    fn id(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Stock => "stock",
+            Target::Loaded => "module-off",
+            Target::Close => "close",
+            Target::Frame => "frame",
+            Target::Payload => "frame-payload",
+            Target::Haproxy => "haproxy",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Stock => "stock nginx",
+            Target::Loaded => "module, no directive",
+            Target::Close => "close records",
+            Target::Frame => "frame records",
+            Target::Payload => "frame + payload 64",
+            Target::Haproxy => "HAProxy",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Target::Direct => "client to the echo upstream, no proxy (the physical limit)",
+            Target::Stock => "nginx without load_module",
+            Target::Loaded => "load_module, no ws_* directive",
+            Target::Close => "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events close",
+            Target::Frame => {
+                "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events open frame close"
+            }
+            Target::Payload => "as frame, plus ws_log_payload 64",
+            Target::Haproxy => "HAProxy, mode http, nbthread 1, timeout tunnel 1h",
+        }
+    }
+
+    fn is_nginx(self) -> bool {
+        !matches!(self, Target::Direct | Target::Haproxy)
+    }
+
+    /// The module directives of the proxied location.
+    fn ws_directives(self) -> &'static str {
+        match self {
+            Target::Close => {
+                "      ws_log logs/ws.log buffer=64k flush=1s;\n      ws_log_events close;\n"
+            }
+            Target::Frame => {
+                "      ws_log logs/ws.log buffer=64k flush=1s;\n      \
+                 ws_log_events open frame close;\n"
+            }
+            Target::Payload => {
+                "      ws_log logs/ws.log buffer=64k flush=1s;\n      \
+                 ws_log_events open frame close;\n      ws_log_payload 64;\n"
+            }
+            _ => "",
+        }
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    Ok(l.local_addr().map_err(|e| format!("bind: {e}"))?.port())
+}
+
+fn nginx_conf(args: &Args, limit: u64, t: Target, port: u16, echo: u16) -> String {
+    let load = if t == Target::Stock {
+        String::new()
+    } else {
+        format!("load_module {};\n", args.module.display())
+    };
+    format!(
+        "{load}daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile {limit};
+error_log logs/error.log warn;
+pid logs/nginx.pid;
+events {{ worker_connections {conns}; }}
+http {{
+  access_log off;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://127.0.0.1:{echo};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection \"upgrade\";
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+{ws}    }}
+  }}
+}}
+",
+        ws = t.ws_directives(),
+        conns = limit.saturating_sub(100),
+    )
+}
+
+fn haproxy_conf(limit: u64, port: u16, echo: u16) -> String {
+    format!(
+        "global
+  nbthread 1
+  maxconn {maxconn}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  server echo 127.0.0.1:{echo}
+",
+        maxconn = limit.saturating_sub(100) / 2,
+    )
+}
+
+/// A running proxy (nginx master with one worker, or HAProxy).
+struct Proxy {
+    child: Child,
+    prefix: PathBuf,
+    port: u16,
+    /// The process whose CPU and memory are measured: the nginx worker or HAProxy itself.
+    pid: i32,
+}
+
+impl Proxy {
+    fn start(args: &Args, limit: u64, work: &Path, t: Target, echo: u16) -> Result<Proxy, String> {
+        let port = free_port()?;
+        let prefix = work.join(t.id());
+        let _ = std::fs::remove_dir_all(&prefix);
+        std::fs::create_dir_all(prefix.join("logs")).map_err(|e| format!("{e}"))?;
+        let stderr = std::fs::File::create(prefix.join("logs/stderr.log"))
+            .map_err(|e| format!("stderr.log: {e}"))?;
+        let mut cmd = if t == Target::Haproxy {
+            let conf = prefix.join("haproxy.cfg");
+            std::fs::write(&conf, haproxy_conf(limit, port, echo)).map_err(|e| format!("{e}"))?;
+            let bin = args.haproxy.as_ref().ok_or("no haproxy")?;
+            let mut c = Command::new(bin);
+            c.arg("-db").arg("-f").arg(conf);
+            c
+        } else {
+            let conf = prefix.join("nginx.conf");
+            let text = nginx_conf(args, limit, t, port, echo);
+            std::fs::write(&conf, text).map_err(|e| format!("{e}"))?;
+            let mut c = Command::new(&args.nginx);
+            c.arg("-p").arg(&prefix).arg("-c").arg(conf);
+            c
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", t.id()))?;
+        let mut p = Proxy {
+            pid: child.id() as i32,
+            child,
+            prefix,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({st}):\n{}{}",
+                    t.id(),
+                    p.read("logs/stderr.log"),
+                    p.read("logs/error.log")
+                ));
+            }
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up && t.is_nginx() {
+                if let [w] = children(p.child.id() as i32)[..] {
+                    p.pid = w;
+                }
+            }
+            if up && (p.pid != p.child.id() as i32 || !t.is_nginx()) {
+                if args.pin && !pin(p.pid, PROXY_CPU) {
+                    return Err(format!("cannot pin {} to CPU {PROXY_CPU}", t.id()));
+                }
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} does not listen on 127.0.0.1:{port}", t.id()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.prefix.join(rel)).unwrap_or_default()
+    }
+
+    /// Empties the frame log between runs (nginx appends), so the disk does not fill up.
+    fn truncate_log(&self) {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.prefix.join("logs/ws.log"))
+        {
+            let _ = f.set_len(0);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// --- /proc ------------------------------------------------------------------------------------
+
+/// The processes whose parent is `pid` (nginx's worker, when `pid` is the master).
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// CPU time of all threads of `pid` in nanoseconds: the run time in /proc/PID/task/*/schedstat
+/// (nanosecond resolution), or utime+stime from /proc/PID/stat (clock ticks) without it.
+fn cpu_ns(pid: i32) -> Option<u64> {
+    let mut total = 0u64;
+    let mut any = false;
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            let s = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+            if let Some(ns) = s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total += ns;
+                any = true;
+            }
+        }
+    }
+    if any && total > 0 {
+        return Some(total);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(f.iter().sum::<u64>() * 1_000_000_000 / hz)
+}
+
+/// The CPU the measured proxy process runs on; the generator and the upstream run on CPU 0.
+const PROXY_CPU: usize = 1;
+
+/// Pins every thread of `pid` (0: the calling thread) to `cpu`; false if the kernel refused.
+fn pin(pid: i32, cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is plain data and all zeroes is the empty set; `cpu` is below
+    // CPU_SETSIZE (the callers pass 0 and 1).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
+    };
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    !tids.is_empty()
+        && tids.iter().all(|t| {
+            // SAFETY: a valid cpu_set_t of the size given.
+            let rc = unsafe {
+                libc::sched_setaffinity(*t, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            rc == 0
+        })
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raises the descriptor limit to `want` (root may raise the hard limit); returns the limit.
+fn raise_nofile(want: u64) -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 1024;
+        }
+        let mut up = libc::rlimit {
+            rlim_cur: want.max(l.rlim_cur),
+            rlim_max: want.max(l.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) != 0 {
+            up.rlim_cur = l.rlim_max;
+            up.rlim_max = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &up);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+    }
+    l.rlim_cur
+}
+
+// --- The upstream: an echo and sink in a child process ---------------------------------------
+//
+// The same binary with `--upstream N`: N listeners (one per configuration, so that one
+// configuration's connections never wait for another's TIME_WAIT ports), ports printed on one
+// line of stdout; each `stats` line on stdin is answered with `open messages bytes`. A process
+// of its own so that its descriptors do not count against the generator's limit, and its CPU
+// is not the generator's.
+
+#[derive(Default)]
+struct Upstream {
+    /// Open upstream connections (to wait for a proxy to finish tearing tunnels down).
+    open: AtomicU64,
+    sink_msgs: AtomicU64,
+    sink_bytes: AtomicU64,
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig {
+        max_message_size: None,
+        max_frame_size: None,
+        ..WebSocketConfig::default()
+    }
+}
+
+fn upstream_main(n: usize) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let up = Arc::new(Upstream::default());
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let l = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .map_err(|e| format!("upstream bind: {e}"))?;
+        ports.push(
+            l.local_addr()
+                .map_err(|e| format!("{e}"))?
+                .port()
+                .to_string(),
+        );
+        rt.spawn(upstream_listener(l, up.clone()));
+    }
+    println!("{}", ports.join(" "));
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "stats" {
+            println!(
+                "{} {} {}",
+                up.open.load(Relaxed),
+                up.sink_msgs.load(Relaxed),
+                up.sink_bytes.load(Relaxed)
+            );
+        }
+    }
+    // stdin closed: the generator is done (or gone).
+    Ok(())
+}
+
+/// The upstream child process, seen from the generator.
+struct UpstreamProc {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    ports: Vec<u16>,
+}
+
+/// What the upstream counted: open connections, messages and bytes received on `/sink`.
+#[derive(Debug, Clone, Copy, Default)]
+struct UpStats {
+    open: u64,
+    msgs: u64,
+    bytes: u64,
+}
+
+impl UpstreamProc {
+    fn start(n: usize) -> Result<UpstreamProc, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg("--upstream")
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the upstream: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("upstream pipes".into());
+        };
+        let mut u = UpstreamProc {
+            child,
+            stdin,
+            stdout: std::io::BufReader::new(stdout),
+            ports: Vec::new(),
+        };
+        let line = u.line()?;
+        u.ports = line
+            .split_whitespace()
+            .map(|p| p.parse().map_err(|e| format!("upstream port {p:?}: {e}")))
+            .collect::<Result<_, String>>()?;
+        if u.ports.len() != n {
+            return Err(format!("upstream said {line:?}"));
+        }
+        Ok(u)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) | Err(_) => Err("the upstream process ended".into()),
+            Ok(_) => Ok(line),
+        }
+    }
+
+    fn stats(&mut self) -> Result<UpStats, String> {
+        use std::io::Write;
+        writeln!(self.stdin, "stats").map_err(|e| format!("upstream: {e}"))?;
+        let line = self.line()?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match v[..] {
+            [open, msgs, bytes] => Ok(UpStats { open, msgs, bytes }),
+            _ => Err(format!("upstream said {line:?}")),
+        }
+    }
+}
+
+/// Waits until no upstream connection is open (the proxy has torn the tunnels down).
+async fn settle(up: &RefCell<UpstreamProc>, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while up.borrow_mut().stats()?.open > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+impl Drop for UpstreamProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn upstream_listener(l: TcpListener, up: Arc<Upstream>) {
+    loop {
+        match l.accept().await {
+            Ok((tcp, _)) => {
+                let up = up.clone();
+                tokio::spawn(async move {
+                    up.open.fetch_add(1, Relaxed);
+                    upstream_serve(tcp, &up).await;
+                    up.open.fetch_sub(1, Relaxed);
+                });
+            }
+            Err(e) => {
+                eprintln!("ws-bench: upstream accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// `/sink` counts and drops what arrives; every other path echoes each message back.
+async fn upstream_serve(tcp: TcpStream, up: &Upstream) {
+    let _ = tcp.set_nodelay(true);
+    let mut sink = false;
+    // The callback's Result type is tungstenite's (its error is an HTTP response).
+    #[allow(clippy::result_large_err)]
+    let cb = |req: &Request, resp: Response| {
+        sink = req.uri().path() == "/sink";
+        Ok(resp)
+    };
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, cb, Some(ws_config())).await
+    else {
+        return;
+    };
+    while let Some(Ok(m)) = ws.next().await {
+        if !m.is_text() && !m.is_binary() {
+            continue;
+        }
+        if sink {
+            up.sink_msgs.fetch_add(1, Relaxed);
+            up.sink_bytes.fetch_add(m.len() as u64, Relaxed);
+        } else if ws.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+// --- Clients ----------------------------------------------------------------------------------
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn connect(url: &str) -> Result<Ws, String> {
+    let c = tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true);
+    match tokio::time::timeout(Duration::from_secs(20), c).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(format!("connect {url}: {e}")),
+        Err(_) => Err(format!("connect {url}: timed out")),
+    }
+}
+
+async fn connect_all(url: &str, n: usize) -> Result<Vec<Ws>, String> {
+    futures_util::stream::iter(0..n)
+        .map(|_| connect(url))
+        .buffer_unordered(200)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// One round trip: send `msg`, wait for the echo.
+async fn round_trip(ws: &mut Ws, msg: &Message) -> Result<(), String> {
+    ws.send(msg.clone())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(_) | Message::Binary(_))) => return Ok(()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("receive: {e}")),
+            None => return Err("connection closed".into()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Window {
+    measuring: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// Round trips until stopped; counts and times those that complete while measuring.
+async fn echo_client(mut ws: Ws, msg: Message, w: Arc<Window>) -> Result<Vec<u32>, String> {
+    let mut lat = Vec::new();
+    while !w.stop.load(Relaxed) {
+        let t0 = Instant::now();
+        round_trip(&mut ws, &msg).await?;
+        if w.measuring.load(Relaxed) {
+            lat.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+    }
+    Ok(lat)
+}
+
+async fn stream_client(mut ws: Ws, msg: Message, w: Arc<Window>) -> Result<Vec<u32>, String> {
+    while !w.stop.load(Relaxed) {
+        ws.send(msg.clone())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+    }
+    Ok(Vec::new())
+}
+
+// --- Measurements -----------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    Echo { size: usize, conns: usize },
+    Stream { size: usize, conns: usize },
+}
+
+impl Work {
+    fn id(self) -> String {
+        match self {
+            Work::Echo { size, conns } => format!("echo-{}-x{conns}", size_name(size)),
+            Work::Stream { size, conns } => format!("stream-{}-x{conns}", size_name(size)),
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Work::Echo { size, conns } => format!("echo {} × {conns}", size_name(size)),
+            Work::Stream { size, conns } => format!("stream {} × {conns}", size_name(size)),
+        }
+    }
+    fn size(self) -> usize {
+        match self {
+            Work::Echo { size, .. } | Work::Stream { size, .. } => size,
+        }
+    }
+}
+
+fn size_name(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1024 && n % 1024 == 0 {
+        format!("{}KiB", n >> 10)
+    } else {
+        format!("{n}B")
+    }
+}
+
+/// One configuration's figures in one round.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    msgs: u64,
+    secs: f64,
+    bytes: u64,
+    cpu_ns: Option<u64>,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+}
+
+impl Sample {
+    fn msg_rate(&self) -> f64 {
+        self.msgs as f64 / self.secs
+    }
+    fn mb_rate(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+    /// CPU milliseconds per 10^5 messages.
+    fn cpu_per_1e5(&self) -> Option<f64> {
+        let c = self.cpu_ns? as f64;
+        (self.msgs > 0).then(|| c / 1e6 / self.msgs as f64 * 1e5)
+    }
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    /// The descriptor limit the proxies get.
+    limit: u64,
+    up: RefCell<UpstreamProc>,
+    /// Where each configuration listens, and its process.
+    ports: BTreeMap<Target, u16>,
+    proxies: BTreeMap<Target, Proxy>,
+}
+
+impl Bench<'_> {
+    fn up_stats(&self) -> Result<UpStats, String> {
+        self.up.borrow_mut().stats()
+    }
+
+    async fn run(&self, t: Target, work: Work) -> Result<Sample, String> {
+        let port = self.ports[&t];
+        let proc_pid = self.proxies.get(&t).map(|p| p.pid);
+        let (path, conns) = match work {
+            Work::Echo { conns, .. } => ("/echo", conns),
+            Work::Stream { conns, .. } => ("/sink", conns),
+        };
+        let url = format!("ws://127.0.0.1:{port}{path}");
+        let clients = connect_all(&url, conns).await?;
+        let msg = Message::Text("x".repeat(work.size()));
+        let w = Arc::new(Window::default());
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|ws| {
+                let (msg, w) = (msg.clone(), w.clone());
+                match work {
+                    Work::Echo { .. } => tokio::spawn(echo_client(ws, msg, w)),
+                    Work::Stream { .. } => tokio::spawn(stream_client(ws, msg, w)),
+                }
+            })
+            .collect();
+        tokio::time::sleep(self.args.warmup).await;
+
+        let cpu0 = proc_pid.and_then(cpu_ns);
+        let sink0 = self.up_stats()?;
+        let t0 = Instant::now();
+        w.measuring.store(true, Relaxed);
+        tokio::time::sleep(self.args.duration).await;
+        w.measuring.store(false, Relaxed);
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu1 = proc_pid.and_then(cpu_ns);
+        let sink1 = self.up_stats()?;
+        w.stop.store(true, Relaxed);
+
+        let mut lat = Vec::new();
+        let mut err = None;
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(30), t).await {
+                Ok(Ok(Ok(l))) => lat.extend(l),
+                Ok(Ok(Err(e))) => err = Some(e),
+                Ok(Err(e)) => err = Some(format!("client task: {e}")),
+                Err(_) => err = Some("a client did not stop".into()),
+            }
+        }
+        settle(&self.up, Duration::from_secs(10)).await?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let (msgs, bytes) = match work {
+            Work::Echo { size, .. } => (lat.len() as u64, lat.len() as u64 * size as u64),
+            Work::Stream { .. } => (sink1.msgs - sink0.msgs, sink1.bytes - sink0.bytes),
+        };
+        let quantile = |lat: &mut Vec<u32>, q: f64| -> Option<f64> {
+            if lat.is_empty() {
+                return None;
+            }
+            let i = ((lat.len() - 1) as f64 * q).round() as usize;
+            Some(*lat.select_nth_unstable(i).1 as f64 / 1000.0)
+        };
+        Ok(Sample {
+            msgs,
+            secs,
+            bytes,
+            cpu_ns: match (cpu0, cpu1) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            },
+            p50_us: quantile(&mut lat, 0.50),
+            p99_us: quantile(&mut lat, 0.99),
+        })
+    }
+}
+
+/// Worker (or HAProxy) RSS before and after opening `n` tunnels, each after one round trip.
+async fn idle_run(
+    b: &Bench<'_>,
+    work: &Path,
+    t: Target,
+    echo: u16,
+    n: usize,
+) -> Result<(u64, u64), String> {
+    let p = Proxy::start(b.args, b.limit, &work.join("idle"), t, echo)?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_kib(p.pid).ok_or("no VmRSS")?;
+    let url = format!("ws://127.0.0.1:{}/echo", p.port);
+    let msg = Message::Text("x".repeat(64));
+    let clients: Result<Vec<Ws>, String> = futures_util::stream::iter(0..n)
+        .map(|_| {
+            let (url, msg) = (&url, &msg);
+            async move {
+                let mut ws = connect(url).await?;
+                round_trip(&mut ws, msg).await?;
+                Ok(ws)
+            }
+        })
+        .buffer_unordered(200)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
+    let clients = clients?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(p.pid).ok_or("no VmRSS")?;
+    drop(clients);
+    settle(&b.up, Duration::from_secs(30)).await?;
+    drop(p);
+    Ok((before, after))
+}
+
+// --- Statistics -------------------------------------------------------------------------------
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return None;
+    }
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    })
+}
+
+fn min_max(v: &[f64]) -> Option<(f64, f64)> {
+    let s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let lo = s.iter().copied().reduce(f64::min)?;
+    let hi = s.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+/// Median, min and max of a figure over the rounds.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    med: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(v: &[f64]) -> Option<Stat> {
+    let (min, max) = min_max(v)?;
+    Some(Stat {
+        med: median(v)?,
+        min,
+        max,
+    })
+}
+
+fn stat_json(s: Option<Stat>) -> Value {
+    match s {
+        Some(s) => json!({"median": s.med, "min": s.min, "max": s.max}),
+        None => Value::Null,
+    }
+}
+
+/// Per-round ratio of `f(target)` to `f(stock)` in the same round, summarised.
+fn ratio(
+    rounds: &[BTreeMap<Target, Sample>],
+    t: Target,
+    f: impl Fn(&Sample) -> Option<f64>,
+) -> Option<Stat> {
+    let v: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| Some(f(r.get(&t)?)? / f(r.get(&Target::Stock)?)?))
+        .collect();
+    stat(&v)
+}
+
+// --- The run ----------------------------------------------------------------------------------
+
+struct WorkResult {
+    work: Work,
+    rounds: Vec<BTreeMap<Target, Sample>>,
+}
+
+struct IdleResult {
+    n: usize,
+    /// (before, after) KiB per round, per configuration.
+    rss: BTreeMap<Target, Vec<(u64, u64)>>,
+}
+
+impl IdleResult {
+    fn per_tunnel(&self, t: Target) -> Vec<f64> {
+        self.rss.get(&t).map_or(Vec::new(), |v| {
+            v.iter()
+                .map(|(b, a)| (*a as f64 - *b as f64) * 1024.0 / self.n as f64)
+                .collect()
+        })
+    }
+    /// Per-round difference to stock in bytes per tunnel.
+    fn extra(&self, t: Target) -> Option<Stat> {
+        let s = self.per_tunnel(Target::Stock);
+        let v: Vec<f64> = self
+            .per_tunnel(t)
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| a - b)
+            .collect();
+        stat(&v)
+    }
+}
+
+fn selected(args: &Args, id: &str) -> bool {
+    args.only.is_empty() || args.only.iter().any(|o| id.starts_with(o.as_str()))
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1mws-bench:\x1b[0m {msg}");
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--upstream") {
+        let n = argv.get(2).and_then(|v| v.parse().ok()).unwrap_or(1);
+        return match upstream_main(n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ws-bench upstream: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ws-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ws-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let work = args.work.clone().unwrap_or_else(|| args.out.join("run"));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let work = std::fs::canonicalize(&work).map_err(|e| format!("{e}"))?;
+    // The proxies inherit the limit. A proxy needs two descriptors per tunnel, the generator
+    // and the upstream process one each; HAProxy sizes itself from its maxconn and refuses to
+    // start below that.
+    let limit = raise_nofile(1 << 17);
+    // (At 9,800 tunnels under a 20,000 limit nginx already ran out of worker_connections.)
+    let idle = args
+        .idle
+        .min((limit.saturating_sub(400) / 2000 * 1000) as usize);
+    if idle < args.idle {
+        say(&format!(
+            "descriptor limit {limit} (hard): {idle} idle tunnels instead of {}",
+            args.idle
+        ));
+    }
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // Before any thread or child exists, so that all of them inherit it.
+    if args.pin && !pin(0, 0) {
+        return Err("cannot pin the generator to CPU 0".into());
+    }
+
+    // The clients run on this thread, the upstream in a process of its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+
+    let mut targets: Vec<Target> = TARGETS.to_vec();
+    if args.haproxy.is_none() {
+        say("no haproxy binary: HAProxy is skipped");
+        targets.retain(|t| *t != Target::Haproxy);
+    }
+    let up = UpstreamProc::start(targets.len())?;
+    let echo_ports: BTreeMap<Target, u16> = targets
+        .iter()
+        .copied()
+        .zip(up.ports.iter().copied())
+        .collect();
+
+    let mut bench = Bench {
+        args,
+        limit,
+        up: RefCell::new(up),
+        ports: BTreeMap::new(),
+        proxies: BTreeMap::new(),
+    };
+    let mut works = Vec::new();
+    for &conns in &args.conns {
+        for &size in &args.sizes {
+            works.push(Work::Echo { size, conns });
+        }
+    }
+    works.push(Work::Stream {
+        size: args.stream_size,
+        conns: 1,
+    });
+    works.retain(|w| selected(args, &w.id()));
+    for t in targets.iter().filter(|_| !works.is_empty()) {
+        if *t == Target::Direct {
+            bench.ports.insert(*t, echo_ports[t]);
+            continue;
+        }
+        let p = Proxy::start(args, limit, &work, *t, echo_ports[t])?;
+        bench.ports.insert(*t, p.port);
+        bench.proxies.insert(*t, p);
+    }
+
+    let mut results = Vec::new();
+    for w in works {
+        let mut rounds = Vec::new();
+        for r in 0..args.rounds {
+            let mut got = BTreeMap::new();
+            // Rotate the order each round so that no configuration always runs first.
+            for i in 0..targets.len() {
+                let t = targets[(i + r) % targets.len()];
+                let s = rt
+                    .block_on(bench.run(t, w))
+                    .map_err(|e| format!("{} on {}: {e}", w.id(), t.id()))?;
+                if let Some(p) = bench.proxies.get(&t) {
+                    p.truncate_log();
+                }
+                got.insert(t, s);
+            }
+            let line: Vec<String> = targets
+                .iter()
+                .map(|t| {
+                    let s = &got[t];
+                    match s.cpu_per_1e5() {
+                        Some(c) => format!("{} {:.0}/s {c:.1}ms", t.id(), s.msg_rate()),
+                        None => format!("{} {:.0}/s", t.id(), s.msg_rate()),
+                    }
+                })
+                .collect();
+            say(&format!(
+                "{} round {}/{}: {}",
+                w.id(),
+                r + 1,
+                args.rounds,
+                line.join(", ")
+            ));
+            rounds.push(got);
+        }
+        results.push(WorkResult { work: w, rounds });
+    }
+    for (_, p) in std::mem::take(&mut bench.proxies) {
+        let log = p.read("logs/error.log");
+        if log.contains("exited on signal") || log.contains("panicked") {
+            return Err(format!("a worker crashed:\n{log}"));
+        }
+    }
+
+    // Idle tunnels: a fresh process per configuration and round, since memory freed by closed
+    // tunnels stays in the worker's heap.
+    let idle_res = if idle > 0 && selected(args, "idle") {
+        let mut res = IdleResult {
+            n: idle,
+            rss: BTreeMap::new(),
+        };
+        let idle_rounds = if args.quick { 1 } else { 2 };
+        for r in 0..idle_rounds {
+            for t in targets.iter().filter(|t| **t != Target::Direct) {
+                let (b, a) = rt
+                    .block_on(idle_run(&bench, &work, *t, echo_ports[t], idle))
+                    .map_err(|e| format!("idle on {}: {e}", t.id()))?;
+                say(&format!(
+                    "idle-{idle} round {}/{idle_rounds}: {} RSS {b} -> {a} KiB ({:.0} B/tunnel)",
+                    r + 1,
+                    t.id(),
+                    (a as f64 - b as f64) * 1024.0 / idle as f64
+                ));
+                res.rss.entry(*t).or_default().push((b, a));
+            }
+        }
+        Some(res)
+    } else {
+        None
+    };
+
+    let parser = args.criterion.as_deref().map(read_criterion);
+    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let machine = machine(args, load_start.trim(), load_end.trim());
+    let elapsed = started.elapsed().as_secs_f64();
+    let report = Report {
+        args,
+        targets: &targets,
+        results: &results,
+        idle: idle_res.as_ref(),
+        parser: parser.as_ref(),
+        machine: &machine,
+        elapsed,
+    };
+    let write = |name: &str, text: &str| {
+        std::fs::write(args.out.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    write(
+        "results.json",
+        &serde_json::to_string_pretty(&report.json()).map_err(|e| format!("{e}"))?,
+    )?;
+    let md = report.markdown();
+    write("results.md", &md)?;
+    write("ratios.dat", &report.ratios_dat())?;
+    let columns = report.proxies().count(); // the workload column, and all but stock
+    write(
+        "ratios.gp",
+        &GNUPLOT.replace("COLUMNS", &columns.to_string()),
+    )?;
+    let chart = if results.is_empty() {
+        None
+    } else {
+        Command::new("gnuplot")
+            .arg("ratios.gp")
+            .current_dir(&args.out)
+            .status()
+            .ok()
+    };
+    match chart {
+        Some(s) if s.success() => {}
+        Some(s) => say(&format!("gnuplot failed ({s}): no ratios.png")),
+        None if results.is_empty() => {}
+        None => say("no gnuplot: no ratios.png"),
+    }
+    println!("{md}");
+    say(&format!(
+        "done in {elapsed:.0} s; results in {}",
+        args.out.display()
+    ));
+    Ok(())
+}
+
+// --- Machine and parser figures ---------------------------------------------------------------
+
+fn machine(args: &Args, load_start: &str, load_end: &str) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown".into(), |(_, v)| v.trim().to_string());
+    m.insert("cpu", model);
+    // Online CPUs, not this process's affinity (which --pin narrows).
+    // SAFETY: sysconf has no preconditions.
+    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    m.insert("nproc", nproc.to_string());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    m.insert("kernel", kernel.trim().to_string());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(kb) = mem
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        m.insert("memory", format!("{:.1} GiB", kb as f64 / 1048576.0));
+    }
+    let version = |bin: &Path, arg: &str| -> String {
+        Command::new(bin)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                let s = String::from_utf8_lossy(&o.stderr).to_string()
+                    + &String::from_utf8_lossy(&o.stdout);
+                s.lines().next().unwrap_or("").trim().to_string()
+            })
+            .unwrap_or_default()
+    };
+    m.insert(
+        "nginx",
+        version(&args.nginx, "-v").replace("nginx version: ", ""),
+    );
+    if let Some(h) = &args.haproxy {
+        // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+        let v = version(h, "-v");
+        let v = v.split(" - ").next().unwrap_or("").replace(" version", "");
+        m.insert("haproxy", v);
+    }
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    m.insert("date", date);
+    m.insert("loadavg_start", load_start.to_string());
+    m.insert("loadavg_end", load_end.to_string());
+    m
+}
+
+/// (group, split, size) -> GB/s, from criterion's estimates (median time per iteration).
+type ParserFigures = BTreeMap<(String, String, String), f64>;
+
+fn read_criterion(dir: &Path) -> ParserFigures {
+    let mut out = BTreeMap::new();
+    for group in ["parser", "observer"] {
+        let Ok(splits) = std::fs::read_dir(dir.join(group)) else {
+            continue;
+        };
+        for s in splits.flatten() {
+            let Ok(sizes) = std::fs::read_dir(s.path()) else {
+                continue;
+            };
+            for z in sizes.flatten() {
+                let read = |f: &str| -> Option<Value> {
+                    let t = std::fs::read_to_string(z.path().join("new").join(f)).ok()?;
+                    serde_json::from_str(&t).ok()
+                };
+                let (Some(est), Some(b)) = (read("estimates.json"), read("benchmark.json")) else {
+                    continue;
+                };
+                let ns = est["median"]["point_estimate"].as_f64();
+                let bytes = b["throughput"]["Bytes"].as_f64();
+                if let (Some(ns), Some(bytes)) = (ns, bytes) {
+                    out.insert(
+                        (
+                            group.to_string(),
+                            s.file_name().to_string_lossy().into_owned(),
+                            z.file_name().to_string_lossy().into_owned(),
+                        ),
+                        bytes / ns,
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+// --- Report -----------------------------------------------------------------------------------
+
+const GNUPLOT: &str = r#"# Worker CPU per message, each configuration against stock nginx (1 = same cost).
+set terminal png size 1400,650 font ",10"
+set output 'ratios.png'
+set datafile separator "\t"
+set style data histogram
+set style histogram cluster gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set key top left autotitle columnhead
+set grid ytics
+set yrange [0:*]
+set xtics rotate by -25
+set ylabel "worker CPU per message / stock nginx"
+set title "nginx-ws: proxy CPU per message relative to stock nginx (median of the rounds)"
+plot for [i=2:COLUMNS] 'ratios.dat' using i:xtic(1), 1 with lines lc rgb "black" dt 2 notitle
+"#;
+
+struct Report<'a> {
+    args: &'a Args,
+    targets: &'a [Target],
+    results: &'a [WorkResult],
+    idle: Option<&'a IdleResult>,
+    parser: Option<&'a ParserFigures>,
+    machine: &'a BTreeMap<&'static str, String>,
+    elapsed: f64,
+}
+
+/// A target from the issue, judged on this run's figures.
+struct Goal {
+    what: String,
+    limit: String,
+    got: String,
+    met: Option<bool>,
+}
+
+fn pct(r: f64) -> String {
+    format!("{:+.1} %", (r - 1.0) * 100.0)
+}
+
+impl Report<'_> {
+    fn proxies(&self) -> impl Iterator<Item = Target> + '_ {
+        self.targets
+            .iter()
+            .copied()
+            .filter(|t| *t != Target::Direct)
+    }
+
+    fn stats(&self, r: &WorkResult, t: Target, f: impl Fn(&Sample) -> Option<f64>) -> Option<Stat> {
+        let v: Vec<f64> = r.rounds.iter().filter_map(|x| f(x.get(&t)?)).collect();
+        stat(&v)
+    }
+
+    fn cpu_ratio(r: &WorkResult, t: Target) -> Option<Stat> {
+        ratio(&r.rounds, t, Sample::cpu_per_1e5)
+    }
+
+    fn goals(&self) -> Vec<Goal> {
+        let mut g = Vec::new();
+        // Worst workload (median ratio) among those matching `pick`.
+        // Over the workloads matching `pick`: the geometric mean of the median ratios (judged),
+        // and the worst one.
+        let summary = |t: Target, pick: &dyn Fn(Work) -> bool| -> Option<(f64, f64, String)> {
+            let v: Vec<(f64, String)> = self
+                .results
+                .iter()
+                .filter(|r| pick(r.work))
+                .filter_map(|r| Some((Self::cpu_ratio(r, t)?.med, r.work.label())))
+                .collect();
+            let worst = v.iter().max_by(|a, b| a.0.total_cmp(&b.0))?;
+            let geo = (v.iter().map(|x| x.0.ln()).sum::<f64>() / v.len() as f64).exp();
+            Some((geo, worst.0, worst.1.clone()))
+        };
+        let all = |_: Work| true;
+        let echo_size = |n: usize| move |w: Work| matches!(w, Work::Echo { size, .. } if size == n);
+        let mut cpu_goal = |what: &str, t: Target, limit: f64, pick: &dyn Fn(Work) -> bool| {
+            let w = summary(t, pick);
+            g.push(Goal {
+                what: what.to_string(),
+                limit: format!("≤ {:+.0} %", limit * 100.0),
+                got: w.as_ref().map_or("not measured".into(), |(geo, r, l)| {
+                    format!("{} (worst: {}, {l})", pct(*geo), pct(*r))
+                }),
+                met: w.map(|(geo, _, _)| geo - 1.0 <= limit),
+            });
+        };
+        cpu_goal(
+            "module loaded, no directive: worker CPU per message, all workloads",
+            Target::Loaded,
+            0.01,
+            &all,
+        );
+        cpu_goal(
+            "close records: worker CPU per message, all workloads",
+            Target::Close,
+            0.03,
+            &all,
+        );
+        cpu_goal(
+            "frame records: worker CPU per message, 1 KiB echo workloads",
+            Target::Frame,
+            0.15,
+            &echo_size(1024),
+        );
+        cpu_goal(
+            "frame records: worker CPU per message, 64 B echo workloads",
+            Target::Frame,
+            0.30,
+            &echo_size(64),
+        );
+        let mem = self.idle.and_then(|i| i.extra(Target::Close));
+        g.push(Goal {
+            what: "extra worker memory per tracked tunnel (close records vs stock)".into(),
+            limit: "≤ 1024 B".into(),
+            got: mem.map_or("not measured".into(), |s| format!("{:.0} B", s.med)),
+            met: mem.map(|s| s.med <= 1024.0),
+        });
+        let gbs = self.parser.and_then(|p| {
+            p.get(&("parser".into(), "whole".into(), "1KiB".into()))
+                .copied()
+        });
+        g.push(Goal {
+            what: "parser, 1 KiB frames, whole buffers".into(),
+            limit: "≥ 1 GB/s".into(),
+            got: gbs.map_or("not measured".into(), |v| format!("{v:.2} GB/s")),
+            met: gbs.map(|v| v >= 1.0),
+        });
+        g
+    }
+
+    fn markdown(&self) -> String {
+        let mut o = String::new();
+        let m = self.machine;
+        let a = self.args;
+        let get = |k: &str| m.get(k).map_or("?", String::as_str);
+        let _ = writeln!(o, "# nginx-ws benchmark results\n");
+        let _ = writeln!(
+            o,
+            "{} run on {}: {} × {} ({} cores), {} RAM, Linux {}, {}, {}. \
+             {} rounds of {:.2} s per configuration and workload, interleaved; {}; \
+             total {:.0} s. \
+             Load average at the start: {}; at the end: {}.\n",
+            if a.quick { "Quick" } else { "Full" },
+            get("date"),
+            get("nproc"),
+            get("cpu"),
+            get("nproc"),
+            get("memory"),
+            get("kernel"),
+            get("nginx"),
+            m.get("haproxy").map_or("no HAProxy", String::as_str),
+            a.rounds,
+            a.duration.as_secs_f64(),
+            if a.pin {
+                "the proxy pinned to CPU 1, the generator and the upstream to CPU 0"
+            } else {
+                "no CPU pinning"
+            },
+            self.elapsed,
+            get("loadavg_start"),
+            get("loadavg_end"),
+        );
+        let _ = writeln!(o, "Configurations:\n");
+        for t in self.targets {
+            let _ = writeln!(o, "- **{}**: {}", t.label(), t.describe());
+        }
+        let _ = writeln!(
+            o,
+            "\nA message is one client message echoed back by the upstream (one round trip, the \
+             message crosses the proxy both ways); for `stream`, one message the upstream \
+             received. MB/s is payload one way. CPU is the nginx worker's (HAProxy's) run time \
+             from /proc/PID/task/*/schedstat over the measured window. Ratios are taken against \
+             stock nginx within each round, then the median over rounds.\n"
+        );
+
+        let _ = writeln!(
+            o,
+            "## Targets\n\nCPU targets: the geometric mean over the workloads named of each \
+             workload's median ratio to stock nginx, which is what is judged, and the worst \
+             workload.\n"
+        );
+        let _ = writeln!(o, "| Target | Limit | Measured | Met |\n|---|---|---|---|");
+        for g in self.goals() {
+            let met = match g.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            };
+            let _ = writeln!(o, "| {} | {} | {} | {met} |", g.what, g.limit, g.got);
+        }
+
+        let header = |o: &mut String, first: &str, with_direct: bool| {
+            let cols: Vec<Target> = self
+                .targets
+                .iter()
+                .copied()
+                .filter(|t| with_direct || *t != Target::Direct)
+                .collect();
+            let _ = write!(o, "| {first} |");
+            for t in &cols {
+                let _ = write!(o, " {} |", t.label());
+            }
+            let _ = write!(o, "\n|---|");
+            for _ in &cols {
+                let _ = write!(o, "---:|");
+            }
+            let _ = writeln!(o);
+            cols
+        };
+
+        let _ = writeln!(
+            o,
+            "\n## Proxy CPU per 10^5 messages (ms), and against stock nginx\n"
+        );
+        let cols = header(&mut o, "Workload", false);
+        for r in self.results {
+            let _ = write!(o, "| {} |", r.work.label());
+            for t in &cols {
+                let c = self.stats(r, *t, Sample::cpu_per_1e5);
+                let cell = match (c, *t == Target::Stock, Self::cpu_ratio(r, *t)) {
+                    (Some(c), true, _) => format!("{:.1}", c.med),
+                    (Some(c), false, Some(x)) => format!("{:.1} ({})", c.med, pct(x.med)),
+                    _ => "—".into(),
+                };
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
+        }
+
+        let _ = writeln!(o, "\n## Messages/s (MB/s), and against stock nginx\n");
+        let cols = header(&mut o, "Workload", true);
+        for r in self.results {
+            let _ = write!(o, "| {} |", r.work.label());
+            for t in &cols {
+                let rate = self.stats(r, *t, |s| Some(s.msg_rate()));
+                let mb = self.stats(r, *t, |s| Some(s.mb_rate()));
+                let x = ratio(&r.rounds, *t, |s| Some(s.msg_rate()));
+                let cell = match (rate, mb) {
+                    (Some(v), Some(mb)) if *t == Target::Stock => {
+                        format!("{:.0} ({:.1})", v.med, mb.med)
+                    }
+                    (Some(v), Some(mb)) => match x {
+                        Some(x) => format!("{:.0} ({:.1}) {}", v.med, mb.med, pct(x.med)),
+                        None => format!("{:.0} ({:.1})", v.med, mb.med),
+                    },
+                    _ => "—".into(),
+                };
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
+        }
+
+        let _ = writeln!(o, "\n## Round-trip latency p50 / p99 (µs)\n");
+        let cols = header(&mut o, "Workload", true);
+        for r in self
+            .results
+            .iter()
+            .filter(|r| matches!(r.work, Work::Echo { .. }))
+        {
+            let _ = write!(o, "| {} |", r.work.label());
+            for t in &cols {
+                let p50 = self.stats(r, *t, |s| s.p50_us);
+                let p99 = self.stats(r, *t, |s| s.p99_us);
+                let cell = match (p50, p99) {
+                    (Some(a), Some(b)) => format!("{:.0} / {:.0}", a.med, b.med),
+                    _ => "—".into(),
+                };
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
+        }
+
+        if let Some(i) = self.idle {
+            let _ = writeln!(
+                o,
+                "\n## Memory: {} idle tunnels (one round trip each), worker RSS\n",
+                i.n
+            );
+            let _ = writeln!(
+                o,
+                "| Configuration | RSS before (KiB) | RSS with the tunnels (KiB) | per tunnel (B) | \
+                 extra per tunnel vs stock (B) |\n|---|---:|---:|---:|---:|"
+            );
+            for t in self.proxies() {
+                let Some(v) = i.rss.get(&t) else { continue };
+                let b: Vec<f64> = v.iter().map(|x| x.0 as f64).collect();
+                let af: Vec<f64> = v.iter().map(|x| x.1 as f64).collect();
+                let per = stat(&i.per_tunnel(t));
+                let extra = match t {
+                    Target::Stock => "—".into(),
+                    _ => i.extra(t).map_or("—".into(), |s| format!("{:+.0}", s.med)),
+                };
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.0} | {:.0} | {} | {extra} |",
+                    t.label(),
+                    median(&b).unwrap_or(0.0),
+                    median(&af).unwrap_or(0.0),
+                    per.map_or("—".into(), |s| format!("{:.0}", s.med)),
+                );
+            }
+        }
+
+        if let Some(p) = self.parser.filter(|p| !p.is_empty()) {
+            let _ = writeln!(
+                o,
+                "\n## Parser microbenchmarks (criterion, GB/s of wire bytes, median)\n\n\
+                 `parser`: `frame::Parser::feed` alone; `observer`: `observe::Direction::feed` \
+                 without payload capture (what a tracked tunnel runs per direction). Masked text \
+                 frames, about 1 MiB per iteration.\n"
+            );
+            let _ = writeln!(
+                o,
+                "| Code | Frames | whole | 4093 B pieces | 1-7 B pieces |\n|---|---|---:|---:|---:|"
+            );
+            for group in ["parser", "observer"] {
+                for size in ["64B", "1KiB", "1MiB"] {
+                    let _ = write!(o, "| {group} | {size} |");
+                    for split in ["whole", "4093B-pieces", "1-7B-pieces"] {
+                        let v = p.get(&(group.into(), split.into(), size.into()));
+                        let _ = write!(o, " {} |", v.map_or("—".into(), |v| format!("{v:.2}")));
+                    }
+                    let _ = writeln!(o);
+                }
+            }
+        }
+
+        let _ = writeln!(o, "\n## Detail: median [min–max] over the rounds\n");
+        for r in self.results {
+            let _ = writeln!(o, "### {}\n", r.work.label());
+            let _ = writeln!(
+                o,
+                "| Configuration | messages/s | MB/s | p50 µs | p99 µs | CPU ms/10^5 msgs | \
+                 CPU vs stock | msgs/s vs stock |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            let fmt = |s: Option<Stat>, d: usize| {
+                s.map_or("—".into(), |s| {
+                    format!("{:.d$} [{:.d$}–{:.d$}]", s.med, s.min, s.max, d = d)
+                })
+            };
+            for t in self.targets {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    t.label(),
+                    fmt(self.stats(r, *t, |s| Some(s.msg_rate())), 0),
+                    fmt(self.stats(r, *t, |s| Some(s.mb_rate())), 1),
+                    fmt(self.stats(r, *t, |s| s.p50_us), 0),
+                    fmt(self.stats(r, *t, |s| s.p99_us), 0),
+                    fmt(self.stats(r, *t, Sample::cpu_per_1e5), 1),
+                    fmt(Self::cpu_ratio(r, *t), 3),
+                    fmt(ratio(&r.rounds, *t, |s| Some(s.msg_rate())), 3),
+                );
+            }
+            let _ = writeln!(o);
+        }
+        o
+    }
+
+    fn json(&self) -> Value {
+        let workloads: Vec<Value> = self
+            .results
+            .iter()
+            .map(|r| {
+                let mut per = serde_json::Map::new();
+                for t in self.targets {
+                    let rounds: Vec<Value> = r
+                        .rounds
+                        .iter()
+                        .filter_map(|x| x.get(t))
+                        .map(|s| {
+                            json!({
+                                "messages": s.msgs, "seconds": s.secs, "bytes": s.bytes,
+                                "cpu_ns": s.cpu_ns, "p50_us": s.p50_us, "p99_us": s.p99_us,
+                            })
+                        })
+                        .collect();
+                    per.insert(
+                        t.id().into(),
+                        json!({
+                            "messages_per_s": stat_json(self.stats(r, *t, |s| Some(s.msg_rate()))),
+                            "mb_per_s": stat_json(self.stats(r, *t, |s| Some(s.mb_rate()))),
+                            "p50_us": stat_json(self.stats(r, *t, |s| s.p50_us)),
+                            "p99_us": stat_json(self.stats(r, *t, |s| s.p99_us)),
+                            "cpu_ms_per_1e5": stat_json(self.stats(r, *t, Sample::cpu_per_1e5)),
+                            "cpu_ratio_to_stock": stat_json(Self::cpu_ratio(r, *t)),
+                            "rate_ratio_to_stock":
+                                stat_json(ratio(&r.rounds, *t, |s| Some(s.msg_rate()))),
+                            "rounds": rounds,
+                        }),
+                    );
+                }
+                json!({"id": r.work.id(), "label": r.work.label(), "configurations": per})
+            })
+            .collect();
+        let idle = self.idle.map(|i| {
+            let per: serde_json::Map<String, Value> = i
+                .rss
+                .iter()
+                .map(|(t, v)| {
+                    (
+                        t.id().to_string(),
+                        json!({
+                            "rss_kib_before_after": v,
+                            "bytes_per_tunnel": stat_json(stat(&i.per_tunnel(*t))),
+                            "extra_bytes_per_tunnel_vs_stock": stat_json(i.extra(*t)),
+                        }),
+                    )
+                })
+                .collect();
+            json!({"tunnels": i.n, "configurations": per})
+        });
+        let parser = self.parser.map(|p| {
+            p.iter()
+                .map(|((g, s, z), v)| json!({"code": g, "split": s, "frames": z, "gb_per_s": v}))
+                .collect::<Vec<_>>()
+        });
+        let goals: Vec<Value> = self
+            .goals()
+            .into_iter()
+            .map(|g| json!({"target": g.what, "limit": g.limit, "measured": g.got, "met": g.met}))
+            .collect();
+        let configs: Vec<Value> = self
+            .targets
+            .iter()
+            .map(|t| json!({"id": t.id(), "label": t.label(), "setup": t.describe()}))
+            .collect();
+        json!({
+            "machine": self.machine,
+            "quick": self.args.quick,
+            "rounds": self.args.rounds,
+            "pinned": self.args.pin,
+            "duration_s": self.args.duration.as_secs_f64(),
+            "elapsed_s": self.elapsed,
+            "configurations": configs,
+            "targets": goals,
+            "workloads": workloads,
+            "idle": idle,
+            "parser": parser,
+        })
+    }
+
+    /// Tab-separated: workload, then each proxy's median CPU-per-message ratio to stock.
+    fn ratios_dat(&self) -> String {
+        let cols: Vec<Target> = self.proxies().filter(|t| *t != Target::Stock).collect();
+        let mut o = String::from("workload");
+        for t in &cols {
+            let _ = write!(o, "\t\"{}\"", t.label());
+        }
+        o.push('\n');
+        for r in self.results {
+            let _ = write!(o, "\"{}\"", r.work.label());
+            for t in &cols {
+                match Self::cpu_ratio(r, *t) {
+                    Some(s) => {
+                        let _ = write!(o, "\t{:.4}", s.med);
+                    }
+                    None => o.push_str("\tNaN"),
+                }
+            }
+            o.push('\n');
+        }
+        o
+    }
+}

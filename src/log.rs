@@ -12,7 +12,7 @@ use ngx::ffi::{
     time_t, NGX_LOG_ALERT,
 };
 
-use crate::record::Line;
+use crate::record::{Line, TimeText};
 
 /// One `ws_log` file, shared by every scope that names the same path.
 pub struct LogFile {
@@ -29,6 +29,8 @@ pub struct LogFile {
     /// Records lost to failed writes, in this worker.
     pub dropped: u64,
     last_error: time_t,
+    /// The last record time formatted, and the clock reading it is for.
+    clock: Option<(time_t, ngx_msec_t, TimeText)>,
 }
 
 impl LogFile {
@@ -55,6 +57,20 @@ impl LogFile {
             event,
             dropped: 0,
             last_error: 0,
+            clock: None,
+        }
+    }
+
+    /// The time for a record now, formatted once per millisecond of nginx's cached clock.
+    pub fn now_text(&mut self) -> TimeText {
+        let tp = ngx::ffi::ngx_timeofday();
+        match self.clock {
+            Some((sec, msec, text)) if sec == tp.sec && msec == tp.msec => text,
+            _ => {
+                let text = TimeText::new(tp.sec, tp.msec as u32);
+                self.clock = Some((tp.sec, tp.msec, text));
+                text
+            }
         }
     }
 

@@ -67,8 +67,8 @@ pub struct Direction {
     pub close_sent: bool,
     pub close_code: Option<u16>,
     pub close_reason: Option<String>,
-    /// Completed frames per opcode value.
-    pub by_opcode: [u64; 16],
+    /// Completed data frames (text, binary, continuation).
+    pub data_frames: u64,
     cur: Option<FrameHeader>,
     msg: Option<Message>,
     frame_capture: Vec<u8>,
@@ -79,11 +79,6 @@ pub struct Direction {
 impl Direction {
     pub fn new() -> Direction {
         Direction::default()
-    }
-
-    /// Completed data frames (text, binary, continuation).
-    pub fn data_frames(&self) -> u64 {
-        self.by_opcode[0] + self.by_opcode[1] + self.by_opcode[2]
     }
 
     /// True when the next byte of this direction starts a new frame.
@@ -116,7 +111,7 @@ impl Direction {
             close_sent,
             close_code,
             close_reason,
-            by_opcode,
+            data_frames,
             cur,
             msg,
             frame_capture,
@@ -179,7 +174,9 @@ impl Direction {
                 Event::End => {
                     let Some(h) = cur.take() else { continue };
                     *frames += 1;
-                    by_opcode[usize::from(h.opcode.as_u8() & 0x0f)] += 1;
+                    if h.opcode.is_data() {
+                        *data_frames += 1;
+                    }
                     let mut frame = Frame {
                         header: h,
                         message_kind: None,

@@ -7,18 +7,19 @@
 //! recycled, and the wrappers find their tunnel through `c->data`, which nginx sets to the
 //! request on both connections.
 
-use core::cell::Cell;
+use core::ffi::c_void;
+use core::mem::{align_of, size_of};
 use core::ptr::{self, NonNull};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use ngx::core::Pool;
 use ngx::ffi::{
     ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
     ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_get_indexed_variable,
-    ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_post_event,
-    ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr,
-    socklen_t, NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT,
-    NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_pmemalign,
+    ngx_pool_cleanup_add, ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt,
+    ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t, NGX_AGAIN, NGX_ERROR,
+    NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
+    NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
 };
 use ngx::http::Request;
 use ngx::{ngx_log_debug_http, ngx_log_error};
@@ -315,8 +316,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         tick: unsafe { core::mem::zeroed() },
         ending: false,
     };
-    let pool: Pool = request.pool();
-    let t = pool.allocate(tunnel);
+    let t = allocate_tunnel(req.pool, tunnel);
     let Some(tp) = NonNull::new(t) else {
         return;
     };
@@ -383,7 +383,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // SAFETY: the request is live.
         let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
         let upstream_name = routed.or(upstream_name);
-        let time = now_text();
+        let time = now_text(t.rec.log);
         let rec = OpenRecord {
             time: time.as_str(),
             event: "open",
@@ -400,6 +400,42 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         };
         t.rec.write(&rec);
     }
+}
+
+/// Moves the tunnel into memory of its own that is dropped and freed with the request pool.
+///
+/// `Pool::allocate` would carve it out of the pool's blocks; by the 101 the request has
+/// usually used up its first block, and the tunnel would cost a whole new one (the pool's
+/// size, 4 KiB by default). `ngx_pmemalign` takes exactly the tunnel's size from the heap and
+/// frees it with the pool, after the pool's cleanups (the drop) have run. Null on failure.
+fn allocate_tunnel(pool: *mut ngx_pool_t, tunnel: Tunnel) -> *mut Tunnel {
+    // SAFETY: the request's live pool; size and alignment are the tunnel's.
+    let p = unsafe { ngx_pmemalign(pool, size_of::<Tunnel>(), align_of::<Tunnel>()) };
+    let p = p.cast::<Tunnel>();
+    if p.is_null() {
+        return p;
+    }
+    // SAFETY: fresh memory, sized and aligned for a Tunnel.
+    unsafe { ptr::write(p, tunnel) };
+    // SAFETY: the request's live pool.
+    let cln = unsafe { ngx_pool_cleanup_add(pool, 0) };
+    if cln.is_null() {
+        // SAFETY: written just above and not shared yet.
+        unsafe { ptr::drop_in_place(p) };
+        return ptr::null_mut();
+    }
+    // SAFETY: a cleanup entry nginx just added to the live pool.
+    unsafe {
+        (*cln).handler = Some(drop_tunnel);
+        (*cln).data = p.cast();
+    }
+    p
+}
+
+/// Pool cleanup: drops the tunnel in place (its memory goes with the pool).
+unsafe extern "C" fn drop_tunnel(data: *mut c_void) {
+    // SAFETY: `data` is the tunnel written by `allocate_tunnel`, dropped only here, once.
+    unsafe { ptr::drop_in_place(data.cast::<Tunnel>()) };
 }
 
 /// The upstream peer's `address:port`, and the upstream{} block's name when there is one.
@@ -422,21 +458,16 @@ fn now_msec() -> ngx_msec_t {
     unsafe { ngx_current_msec }
 }
 
-/// The time for records, formatted once per millisecond (nginx's cached clock).
-fn now_text() -> TimeText {
-    thread_local! {
-        static LAST: Cell<Option<(i64, u32, TimeText)>> = const { Cell::new(None) };
-    }
-    let tp = ngx::ffi::ngx_timeofday();
-    let (sec, msec) = (tp.sec, tp.msec as u32);
-    LAST.with(|last| match last.get() {
-        Some((s, m, text)) if s == sec && m == msec => text,
-        _ => {
-            let text = TimeText::new(sec, msec);
-            last.set(Some((sec, msec, text)));
-            text
+/// The time for a record about to go to `log`.
+fn now_text(log: Option<NonNull<LogFile>>) -> TimeText {
+    match log {
+        // SAFETY: LogFiles live in the configuration pool, which outlives requests.
+        Some(mut lf) => unsafe { lf.as_mut() }.now_text(),
+        None => {
+            let tp = ngx::ffi::ngx_timeofday();
+            TimeText::new(tp.sec, tp.msec as u32)
         }
-    })
+    }
 }
 
 /// RSV bits the extensions negotiated in the 101 may use: permessage-deflate uses RSV1; for
@@ -701,7 +732,8 @@ impl Recorder {
         if !wanted {
             return;
         }
-        let time: &str = time.get_or_insert_with(now_text).as_str();
+        let log = self.log;
+        let time: &str = time.get_or_insert_with(|| now_text(log)).as_str();
         match e {
             Event::Peer(Observed::Frame(f)) if want & events::FRAME != 0 => {
                 let h = f.header;
@@ -819,7 +851,7 @@ impl Tunnel {
             ),
         };
         let had_close = flow.obs.close_sent;
-        let data_frames = flow.obs.data_frames();
+        let data_frames = flow.obs.data_frames;
         let rec = &mut self.rec;
         let mut pong = false;
         // Without metrics or frame/message records nothing needs the events one by one: the
@@ -839,7 +871,7 @@ impl Tunnel {
                 }
             })
         };
-        let data_frame = flow.obs.data_frames() != data_frames;
+        let data_frame = flow.obs.data_frames != data_frames;
         let closed_now = !had_close && flow.obs.close_sent;
         let mid_data = flow.obs.in_data_frame();
         let violation = flow.violation.take();
@@ -1212,7 +1244,7 @@ impl Tunnel {
         }
 
         if self.rec.events & events::CLOSE != 0 {
-            let time = now_text();
+            let time = now_text(self.rec.log);
             let rec = CloseRecord {
                 time: time.as_str(),
                 event: "close",

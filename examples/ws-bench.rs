@@ -208,7 +208,10 @@ impl Target {
             Target::Direct => "client to the echo upstream, no proxy (the physical limit)",
             Target::Stock => "nginx without load_module",
             Target::Loaded => "load_module, no ws_* directive",
-            Target::Close => "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events close",
+            Target::Close => {
+                "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events close; an access_log \
+                 line per tunnel with every $ws_* counter variable"
+            }
             Target::Frame => {
                 "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events open frame close"
             }
@@ -225,7 +228,8 @@ impl Target {
     fn ws_directives(self) -> &'static str {
         match self {
             Target::Close => {
-                "      ws_log logs/ws.log buffer=64k flush=1s;\n      ws_log_events close;\n"
+                "      ws_log logs/ws.log buffer=64k flush=1s;\n      ws_log_events close;\n      \
+                 access_log logs/access.log ws;\n"
             }
             Target::Frame => {
                 "      ws_log logs/ws.log buffer=64k flush=1s;\n      \
@@ -261,7 +265,7 @@ pid logs/nginx.pid;
 events {{ worker_connections {conns}; }}
 http {{
   access_log off;
-  server {{
+{fmt}  server {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
       proxy_pass http://127.0.0.1:{echo};
@@ -275,6 +279,13 @@ http {{
 }}
 ",
         ws = t.ws_directives(),
+        fmt = if t == Target::Close {
+            "  log_format ws '$remote_addr $status $ws_client_frames $ws_upstream_frames \
+             $ws_client_messages $ws_upstream_messages $ws_client_bytes $ws_upstream_bytes \
+             $ws_close_code $ws_closed_by $ws_end $ws_duration';\n"
+        } else {
+            ""
+        },
         conns = limit.saturating_sub(100),
     )
 }

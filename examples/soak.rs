@@ -13,6 +13,9 @@
 //! `conn` + `request_id` lead to the `close` record, whose message counts are compared with
 //! what the peers counted. Exits 0 when every check passed, 1 otherwise, 2 on bad arguments.
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{children, rss_kib};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -1141,37 +1144,6 @@ fn start_nginx(args: &Args, prefix: &Path, conf: &str, port: u16) -> Result<Ngin
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The processes whose parent is `pid` (nginx's workers, when `pid` is the master).
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        if rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) == Some(pid) {
-            out.push(p);
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// (total VmRSS of the workers in KiB, number of workers).

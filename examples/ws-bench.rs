@@ -12,6 +12,9 @@
 //!
 //!     ws-bench --nginx PATH --module PATH --out DIR [options]
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{children, rss_kib};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -417,31 +420,6 @@ impl Drop for Proxy {
 
 // --- /proc ------------------------------------------------------------------------------------
 
-/// The processes whose parent is `pid` (nginx's worker, when `pid` is the master).
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        if rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) == Some(pid) {
-            out.push(p);
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
 /// CPU time of all threads of `pid` in nanoseconds: the run time in /proc/PID/task/*/schedstat
 /// (nanosecond resolution), or utime+stime from /proc/PID/stat (clock ticks) without it.
 fn cpu_ns(pid: i32) -> Option<u64> {
@@ -507,12 +485,6 @@ fn pin(pid: i32, cpu: usize) -> bool {
             };
             rc == 0
         })
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Raises the descriptor limit to `want` (root may raise the hard limit); returns the limit.

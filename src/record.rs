@@ -375,6 +375,29 @@ impl Json<'_> {
         }
     }
 
+    /// `{"time":..,"event":..,"conn":..,"request_id":..,"from":..`: how data path records start.
+    fn head(
+        &mut self,
+        time: &str,
+        event: &str,
+        conn: u64,
+        request_id: Option<&str>,
+        from: From,
+    ) -> serde_json::Result<()> {
+        self.raw("{\"time\":");
+        self.str(time)?;
+        self.raw(",\"event\":");
+        self.str(event)?;
+        self.raw(",\"conn\":");
+        self.num(conn);
+        self.raw(",\"request_id\":");
+        self.opt_str(request_id)?;
+        self.raw(",\"from\":\"");
+        self.raw(from.as_str());
+        self.raw("\"");
+        Ok(())
+    }
+
     fn opcode(&mut self, op: OpcodeField) {
         match op.0.name() {
             Some(name) => {
@@ -410,17 +433,8 @@ impl Json<'_> {
 impl Line for FrameRecord<'_> {
     fn write_line(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let mut j = Json(out);
-        j.raw("{\"time\":");
-        j.str(self.time)?;
-        j.raw(",\"event\":");
-        j.str(self.event)?;
-        j.raw(",\"conn\":");
-        j.num(self.conn);
-        j.raw(",\"request_id\":");
-        j.opt_str(self.request_id)?;
-        j.raw(",\"from\":\"");
-        j.raw(self.from.as_str());
-        j.raw("\",\"opcode\":");
+        j.head(self.time, self.event, self.conn, self.request_id, self.from)?;
+        j.raw(",\"opcode\":");
         j.opcode(self.opcode);
         j.raw(",\"fin\":");
         j.bool(self.fin);
@@ -456,17 +470,8 @@ impl Line for FrameRecord<'_> {
 impl Line for MessageRecord<'_> {
     fn write_line(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let mut j = Json(out);
-        j.raw("{\"time\":");
-        j.str(self.time)?;
-        j.raw(",\"event\":");
-        j.str(self.event)?;
-        j.raw(",\"conn\":");
-        j.num(self.conn);
-        j.raw(",\"request_id\":");
-        j.opt_str(self.request_id)?;
-        j.raw(",\"from\":\"");
-        j.raw(self.from.as_str());
-        j.raw("\",\"type\":");
+        j.head(self.time, self.event, self.conn, self.request_id, self.from)?;
+        j.raw(",\"type\":");
         j.str(self.kind)?;
         j.raw(",\"len\":");
         j.num(self.len);

@@ -151,12 +151,10 @@ struct Injected {
     reason: Option<&'static str>,
 }
 
-/// The proxy's shaping of one direction.
+/// What the proxy writes on its own and what it holds back to judge. Most tunnels never inject
+/// or hold, so a flow allocates this only when it first does.
 #[derive(Debug, Default)]
-pub struct Flow {
-    /// The peer's frames, as they came in.
-    pub obs: Direction,
-    capture: Capture,
+struct Own {
     inject: Vec<u8>,
     inject_off: usize,
     injected: Vec<(usize, Injected)>,
@@ -164,11 +162,101 @@ pub struct Flow {
     held_off: usize,
     /// Held bytes are decided: they go out (true) after `inject`.
     held_release: bool,
-    retry: Option<Src>,
     /// A Close to inject at the next boundary.
     close_request: Option<(u16, &'static str, Option<[u8; 4]>)>,
     /// A Ping payload to inject at the next boundary.
     ping_request: Option<(Vec<u8>, Option<[u8; 4]>)>,
+}
+
+impl Own {
+    /// Nothing pending, held or requested.
+    fn quiet(&self) -> bool {
+        self.inject.is_empty()
+            && self.held.is_empty()
+            && self.close_request.is_none()
+            && self.ping_request.is_none()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.inject_off < self.inject.len()
+            || (self.held_release && self.held_off < self.held.len())
+    }
+
+    fn requested(&self) -> bool {
+        self.close_request.is_some() || self.ping_request.is_some()
+    }
+
+    /// A held frame start still waits for its verdict.
+    fn deciding(&self) -> bool {
+        !self.held.is_empty() && !self.held_release
+    }
+
+    fn report_injected<F: FnMut(Event<'_>)>(&mut self, close_written: &mut bool, on: &mut F) {
+        while let Some(&(end, f)) = self.injected.first() {
+            if self.inject_off < end {
+                break;
+            }
+            self.injected.remove(0);
+            if f.opcode == Opcode::Close {
+                *close_written = true;
+            }
+            on(Event::Proxy {
+                opcode: f.opcode,
+                len: f.len,
+                masked: f.masked,
+                code: f.code,
+                reason: f.reason,
+            });
+        }
+    }
+
+    fn push_frame(
+        &mut self,
+        opcode: Opcode,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+        code: Option<u16>,
+        reason: Option<&'static str>,
+    ) {
+        let h = FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            len: payload.len() as u64,
+            header_len: 0,
+        };
+        let (hdr, n) = encode_header(&h);
+        self.inject.extend_from_slice(&hdr[..n]);
+        let start = self.inject.len();
+        self.inject.extend_from_slice(payload);
+        if let Some(m) = mask {
+            unmask(&mut self.inject[start..], m, 0);
+        }
+        self.injected.push((
+            self.inject.len(),
+            Injected {
+                opcode,
+                len: payload.len() as u64,
+                masked: mask.is_some(),
+                code,
+                reason,
+            },
+        ));
+    }
+}
+
+/// The proxy's shaping of one direction.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// The peer's frames, as they came in.
+    pub obs: Direction,
+    capture: Capture,
+    /// Injection and hold state; `None` until the flow first injects or holds.
+    own: Option<Box<Own>>,
+    retry: Option<Src>,
     /// The proxy queued its Close: all further input is swallowed.
     pub closed: bool,
     /// The proxy's Close is completely written.
@@ -212,21 +300,22 @@ impl Flow {
         self.policy.active() || self.watch_pong.is_some()
     }
 
+    /// The injection and hold state, allocated on first use.
+    fn own_mut(&mut self) -> &mut Own {
+        self.own.get_or_insert_with(Box::default)
+    }
+
     /// Nothing pending, held, requested or judged: peer bytes just pass.
     fn idle(&self) -> bool {
         self.retry.is_none()
             && !self.closed
-            && self.inject.is_empty()
-            && self.held.is_empty()
-            && self.close_request.is_none()
-            && self.ping_request.is_none()
+            && self.own.as_deref().is_none_or(Own::quiet)
             && !self.judging()
     }
 
     /// Whether the proxy has bytes of its own waiting to be written.
     pub fn has_pending(&self) -> bool {
-        self.inject_off < self.inject.len()
-            || (self.held_release && self.held_off < self.held.len())
+        self.own.as_deref().is_some_and(Own::has_pending)
     }
 
     /// Whether a write returned "again" and must be retried with the same bytes.
@@ -236,20 +325,23 @@ impl Flow {
 
     /// Whether the proxy still waits for a frame boundary to inject something.
     pub fn wants_boundary(&self) -> bool {
-        !self.closed
-            && (self.close_request.is_some() || self.ping_request.is_some() || self.judging())
+        !self.closed && (self.own.as_deref().is_some_and(Own::requested) || self.judging())
     }
 
     /// The input is between frames (nothing held, no frame half passed).
     pub fn at_boundary(&self) -> bool {
-        self.obs.at_boundary() && self.held.is_empty()
+        self.obs.at_boundary() && self.own.as_deref().is_none_or(|o| o.held.is_empty())
     }
 
     /// Asks for a Close frame at the next frame boundary; afterwards nothing else is delivered.
     pub fn request_close(&mut self, code: u16, reason: &'static str) {
-        if !self.closed && self.close_request.is_none() {
+        let requested = self
+            .own
+            .as_deref()
+            .is_some_and(|o| o.close_request.is_some());
+        if !self.closed && !requested {
             let mask = self.next_mask();
-            self.close_request = Some((code, reason, mask));
+            self.own_mut().close_request = Some((code, reason, mask));
         }
     }
 
@@ -257,7 +349,7 @@ impl Flow {
     pub fn request_ping(&mut self, payload: Vec<u8>) {
         if !self.closed {
             let mask = self.next_mask();
-            self.ping_request = Some((payload, mask));
+            self.own_mut().ping_request = Some((payload, mask));
         }
     }
 
@@ -346,7 +438,7 @@ impl Flow {
                     }
                 }
             }
-            if !self.held.is_empty() && !self.held_release {
+            if self.own.as_deref().is_some_and(Own::deciding) {
                 // Still deciding about a held frame start: take more input.
                 if rest.is_empty() {
                     return Sent::Consumed(consumed);
@@ -392,126 +484,81 @@ impl Flow {
 
     /// Writes what the proxy itself has pending: injected frames, then released held bytes.
     pub fn flush_own<S: Sink, F: FnMut(Event<'_>)>(&mut self, sink: &mut S, on: &mut F) -> Write {
+        let Flow {
+            own,
+            obs,
+            capture,
+            retry,
+            close_written,
+            ..
+        } = self;
+        let Some(own) = own.as_deref_mut() else {
+            return Write::Done(0);
+        };
         let mut total = 0;
-        while self.inject_off < self.inject.len() {
-            match sink.write(&self.inject[self.inject_off..]) {
+        while own.inject_off < own.inject.len() {
+            match sink.write(&own.inject[own.inject_off..]) {
                 Write::Done(n) => {
-                    self.retry = None;
-                    self.inject_off += n;
+                    *retry = None;
+                    own.inject_off += n;
                     total += n;
-                    self.report_injected(on);
+                    own.report_injected(close_written, on);
                 }
                 Write::Again => {
-                    self.retry = Some(Src::Inject);
+                    *retry = Some(Src::Inject);
                     return Write::Again;
                 }
                 Write::Error => return Write::Error,
             }
         }
-        if self.inject_off == self.inject.len() && !self.inject.is_empty() {
-            self.inject.clear();
-            self.inject_off = 0;
+        if own.inject_off == own.inject.len() && !own.inject.is_empty() {
+            own.inject.clear();
+            own.inject_off = 0;
         }
-        while self.held_release && self.held_off < self.held.len() {
-            match sink.write(&self.held[self.held_off..]) {
+        while own.held_release && own.held_off < own.held.len() {
+            match sink.write(&own.held[own.held_off..]) {
                 Write::Done(n) => {
-                    self.retry = None;
-                    let start = self.held_off;
-                    self.held_off += n;
+                    *retry = None;
+                    let start = own.held_off;
+                    own.held_off += n;
                     total += n;
-                    let capture = self.capture;
-                    let (obs, held) = (&mut self.obs, &self.held);
-                    obs.feed(&held[start..start + n], capture, |o| on(Event::Peer(o)));
+                    obs.feed(&own.held[start..start + n], *capture, |o| {
+                        on(Event::Peer(o))
+                    });
                 }
                 Write::Again => {
-                    self.retry = Some(Src::Held);
+                    *retry = Some(Src::Held);
                     return Write::Again;
                 }
                 Write::Error => return Write::Error,
             }
         }
-        if self.held_release && self.held_off == self.held.len() {
-            self.held.clear();
-            self.held_off = 0;
-            self.held_release = false;
+        if own.held_release && own.held_off == own.held.len() {
+            own.held.clear();
+            own.held_off = 0;
+            own.held_release = false;
         }
         Write::Done(total)
     }
 
-    fn report_injected<F: FnMut(Event<'_>)>(&mut self, on: &mut F) {
-        while let Some(&(end, f)) = self.injected.first() {
-            if self.inject_off < end {
-                break;
-            }
-            self.injected.remove(0);
-            if f.opcode == Opcode::Close {
-                self.close_written = true;
-            }
-            on(Event::Proxy {
-                opcode: f.opcode,
-                len: f.len,
-                masked: f.masked,
-                code: f.code,
-                reason: f.reason,
-            });
-        }
-    }
-
     /// At a boundary: queues a requested Close (first) or Ping. Returns whether it did.
     fn queue_injection(&mut self) -> bool {
-        if self.close_request.is_none() && self.ping_request.is_none() {
+        let Some(own) = self.own.as_deref_mut() else {
             return false;
-        }
-        if let Some((code, reason, mask)) = self.close_request.take() {
+        };
+        if let Some((code, reason, mask)) = own.close_request.take() {
             let mut payload = code.to_be_bytes().to_vec();
             payload.extend_from_slice(reason.as_bytes());
-            self.push_frame(Opcode::Close, &payload, mask, Some(code), Some(reason));
+            own.push_frame(Opcode::Close, &payload, mask, Some(code), Some(reason));
+            own.ping_request = None;
             self.closed = true;
-            self.ping_request = None;
             return true;
         }
-        if let Some((payload, mask)) = self.ping_request.take() {
-            self.push_frame(Opcode::Ping, &payload, mask, None, None);
+        if let Some((payload, mask)) = own.ping_request.take() {
+            own.push_frame(Opcode::Ping, &payload, mask, None, None);
             return true;
         }
         false
-    }
-
-    fn push_frame(
-        &mut self,
-        opcode: Opcode,
-        payload: &[u8],
-        mask: Option<[u8; 4]>,
-        code: Option<u16>,
-        reason: Option<&'static str>,
-    ) {
-        let h = FrameHeader {
-            fin: true,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode,
-            mask,
-            len: payload.len() as u64,
-            header_len: 0,
-        };
-        let (hdr, n) = encode_header(&h);
-        self.inject.extend_from_slice(&hdr[..n]);
-        let start = self.inject.len();
-        self.inject.extend_from_slice(payload);
-        if let Some(m) = mask {
-            unmask(&mut self.inject[start..], m, 0);
-        }
-        self.injected.push((
-            self.inject.len(),
-            Injected {
-                opcode,
-                len: payload.len() as u64,
-                masked: mask.is_some(),
-                code,
-                reason,
-            },
-        ));
     }
 
     /// Judges the frame starting at `have`.
@@ -551,7 +598,9 @@ impl Flow {
     fn refuse(&mut self, v: Violation) {
         self.violation = Some(v);
         let (code, reason) = v.peer_close();
-        self.close_request = None;
+        if let Some(own) = self.own.as_deref_mut() {
+            own.close_request = None;
+        }
         self.request_close(code, reason);
         self.queue_injection();
     }
@@ -560,37 +609,44 @@ impl Flow {
     fn hold<F: FnMut(Event<'_>)>(&mut self, rest: &[u8], on: &mut F) -> usize {
         let mut take = 0;
         loop {
-            let need = match self.judge(&self.held) {
+            let held = self.own.as_deref().map_or(&[][..], |o| o.held.as_slice());
+            let need = match self.judge(held) {
                 Judge::NeedMore(n) => n,
                 Judge::Forward(_) => {
-                    self.held_release = true;
+                    self.own_mut().held_release = true;
                     return take;
                 }
                 Judge::Violate(v) => {
                     // The held start of the refused frame is swallowed like the rest of it.
-                    let held = core::mem::take(&mut self.held);
+                    let held = self
+                        .own
+                        .as_deref_mut()
+                        .map(|o| core::mem::take(&mut o.held))
+                        .unwrap_or_default();
                     self.obs.feed(&held, self.capture, |o| on(Event::Peer(o)));
                     self.refuse(v);
                     return take;
                 }
                 Judge::Consume(len) => {
                     // Feed the Pong to the observer (it was received) and drop it.
-                    let frame: Vec<u8> = self.held.drain(..len).collect();
+                    let own = self.own_mut();
+                    let frame: Vec<u8> = own.held.drain(..len).collect();
+                    if !own.held.is_empty() {
+                        own.held_release = true;
+                    }
                     self.obs.feed(&frame, self.capture, |o| on(Event::Peer(o)));
                     on(Event::PongConsumed);
                     self.watch_pong = None;
-                    if !self.held.is_empty() {
-                        self.held_release = true;
-                    }
                     return take;
                 }
             };
-            let want = need.saturating_sub(self.held.len());
+            let have = self.own.as_deref().map_or(0, |o| o.held.len());
+            let want = need.saturating_sub(have);
             let n = want.min(rest.len() - take);
             if n == 0 {
                 return take;
             }
-            self.held.extend_from_slice(&rest[take..take + n]);
+            self.own_mut().held.extend_from_slice(&rest[take..take + n]);
             take += n;
         }
     }
@@ -757,6 +813,10 @@ mod tests {
         let ev = drive(&mut f, &mut c, &s, &[3, 50, 1], |_, _| {});
         assert_eq!(c.out, s);
         assert_eq!(ev.iter().filter(|e| e.starts_with("peer")).count(), 3);
+        assert!(
+            f.own.is_none(),
+            "a flow that never injects or holds allocates nothing"
+        );
     }
 
     #[test]
@@ -831,6 +891,9 @@ mod tests {
             assert!(ev.contains(&"pong consumed".to_string()));
             assert!(f.watch_pong.is_none());
             assert_eq!(f.obs.frames, 3);
+            if reads == [100] {
+                assert!(f.own.is_none(), "whole frames are judged without holding");
+            }
         }
     }
 

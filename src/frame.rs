@@ -148,6 +148,12 @@ impl Parser {
         }
     }
 
+    /// The header most recently decoded, whatever the state: during its payload, and still after
+    /// its end until the next header is complete.
+    pub fn last_header(&self) -> Option<&FrameHeader> {
+        self.current.as_ref()
+    }
+
     /// Bytes still missing before the current frame ends, when its header is known.
     pub fn remaining(&self) -> Option<u64> {
         self.current().map(|h| h.len - self.done)

@@ -69,7 +69,6 @@ pub struct Direction {
     pub close_reason: Option<String>,
     /// Completed data frames (text, binary, continuation).
     pub data_frames: u64,
-    cur: Option<FrameHeader>,
     msg: Option<Message>,
     frame_capture: Vec<u8>,
     frame_truncated: bool,
@@ -112,7 +111,6 @@ impl Direction {
             close_code,
             close_reason,
             data_frames,
-            cur,
             msg,
             frame_capture,
             frame_truncated,
@@ -123,7 +121,6 @@ impl Direction {
         while let Some(ev) = parser.next_event(&mut data) {
             match ev {
                 Event::Header(h) => {
-                    *cur = Some(h);
                     frame_capture.clear();
                     *frame_truncated = false;
                     control.clear();
@@ -146,7 +143,10 @@ impl Direction {
                 }
                 Event::Payload { offset, data } => {
                     *bytes += data.len() as u64;
-                    let Some(h) = cur.as_ref() else { continue };
+                    // The parser's header is the one this payload belongs to.
+                    let Some(h) = parser.last_header() else {
+                        continue;
+                    };
                     if h.opcode.is_control() {
                         let room = CONTROL_MAX.saturating_sub(control.len());
                         keep(control, data, room, h.mask, offset);
@@ -172,7 +172,9 @@ impl Direction {
                     keep(&mut m.payload, data, room, h.mask, offset);
                 }
                 Event::End => {
-                    let Some(h) = cur.take() else { continue };
+                    let Some(&h) = parser.last_header() else {
+                        continue;
+                    };
                     *frames += 1;
                     if h.opcode.is_data() {
                         *data_frames += 1;

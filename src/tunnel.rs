@@ -383,7 +383,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // SAFETY: the request is live.
         let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
         let upstream_name = routed.or(upstream_name);
-        let time = now_text(t.rec.log);
+        let time = t.rec.now_text();
         let rec = OpenRecord {
             time: time.as_str(),
             event: "open",
@@ -456,18 +456,6 @@ fn upstream_texts(u: &ngx::ffi::ngx_http_upstream_t) -> (Option<String>, Option<
 fn now_msec() -> ngx_msec_t {
     // SAFETY: nginx's cached clock, updated by the event loop in this thread.
     unsafe { ngx_current_msec }
-}
-
-/// The time for a record about to go to `log`.
-fn now_text(log: Option<NonNull<LogFile>>) -> TimeText {
-    match log {
-        // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-        Some(mut lf) => unsafe { lf.as_mut() }.now_text(),
-        None => {
-            let tp = ngx::ffi::ngx_timeofday();
-            TimeText::new(tp.sec, tp.msec as u32)
-        }
-    }
 }
 
 /// RSV bits the extensions negotiated in the 101 may use: permessage-deflate uses RSV1; for
@@ -702,6 +690,18 @@ unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
 }
 
 impl Recorder {
+    /// The time for a record now (the log file formats it once per millisecond).
+    fn now_text(&mut self) -> TimeText {
+        match self.log {
+            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
+            Some(mut lf) => unsafe { lf.as_mut() }.now_text(),
+            None => {
+                let tp = ngx::ffi::ngx_timeofday();
+                TimeText::new(tp.sec, tp.msec as u32)
+            }
+        }
+    }
+
     /// Whether `on` does anything with frame and message events.
     fn wants_events(&self) -> bool {
         self.stats.is_some()
@@ -716,7 +716,7 @@ impl Recorder {
     }
 
     /// Writes the record for something a flow did.
-    fn on(&mut self, from: From, e: &Event<'_>, time: &mut Option<TimeText>) {
+    fn on(&mut self, from: From, e: &Event<'_>) {
         if let Some(s) = self.stats {
             s.entry().on_event(from, e);
         }
@@ -732,10 +732,10 @@ impl Recorder {
         if !wanted {
             return;
         }
-        let log = self.log;
-        let time: &str = time.get_or_insert_with(|| now_text(log)).as_str();
+        let time = self.now_text();
+        let time = time.as_str();
         match e {
-            Event::Peer(Observed::Frame(f)) if want & events::FRAME != 0 => {
+            Event::Peer(Observed::Frame(f)) => {
                 let h = f.header;
                 let payload = f.payload.map(|bytes| PayloadField {
                     text: f.message_kind == Some(Opcode::Text),
@@ -762,7 +762,7 @@ impl Recorder {
                 };
                 self.write(&rec);
             }
-            Event::Peer(Observed::Message(m)) if want & events::MESSAGE != 0 => {
+            Event::Peer(Observed::Message(m)) => {
                 let captured = self.payload > 0 && !m.compressed;
                 let payload = captured.then_some(PayloadField {
                     text: m.kind == Opcode::Text,
@@ -794,7 +794,7 @@ impl Recorder {
                 masked,
                 code,
                 reason,
-            } if want & events::FRAME != 0 => {
+            } => {
                 let rec = FrameRecord {
                     time,
                     event: "frame",
@@ -857,12 +857,11 @@ impl Tunnel {
         // Without metrics or frame/message records nothing needs the events one by one: the
         // quiet path lets the compiler drop their construction from the parser's loop.
         let sent = if rec.wants_events() {
-            let mut time = None;
             flow.send(data, &mut sink, &mut |e| {
                 if let Event::PongConsumed = e {
                     pong = true;
                 }
-                rec.on(from, &e, &mut time);
+                rec.on(from, &e);
             })
         } else {
             flow.send(data, &mut sink, &mut |e| {
@@ -1099,7 +1098,6 @@ impl Tunnel {
             upstream_send,
             ..
         } = self;
-        let mut time = None;
         for (flow, c, send, from) in [
             (to_client, *client_conn, *client_send, From::Upstream),
             (to_upstream, *upstream_conn, *upstream_send, From::Client),
@@ -1108,7 +1106,7 @@ impl Tunnel {
                 continue;
             }
             let mut sink = ConnSink { c, send };
-            let _ = flow.send(&[], &mut sink, &mut |e| rec.on(from, &e, &mut time));
+            let _ = flow.send(&[], &mut sink, &mut |e| rec.on(from, &e));
         }
     }
 
@@ -1244,7 +1242,7 @@ impl Tunnel {
         }
 
         if self.rec.events & events::CLOSE != 0 {
-            let time = now_text(self.rec.log);
+            let time = self.rec.now_text();
             let rec = CloseRecord {
                 time: time.as_str(),
                 event: "close",

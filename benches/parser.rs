@@ -75,53 +75,47 @@ const SPLITS: [(&[usize], &str); 3] = [
     (&[1, 7, 3, 5, 2, 6, 4], "1-7B-pieces"),
 ];
 
-fn parser(c: &mut Criterion) {
-    let mut g = c.benchmark_group("parser");
+/// Runs `feed_all` over every frame size and split, as one criterion group.
+fn sweep<R>(c: &mut Criterion, group: &str, feed_all: impl Fn(&[&[u8]]) -> R) {
+    let mut g = c.benchmark_group(group);
     for (len, name) in SIZES {
         let s = stream(len);
         for (sizes, split) in SPLITS {
             let ps = pieces(&s, sizes);
             g.throughput(Throughput::Bytes(s.len() as u64));
             g.bench_with_input(BenchmarkId::new(split, name), &ps, |b, ps| {
-                b.iter(|| {
-                    let mut p = Parser::new();
-                    let (mut frames, mut bytes) = (0u64, 0u64);
-                    for piece in ps {
-                        p.feed(black_box(piece), |ev| match ev {
-                            Event::Header(_) => {}
-                            Event::Payload { data, .. } => bytes += data.len() as u64,
-                            Event::End => frames += 1,
-                        });
-                    }
-                    black_box((frames, bytes))
-                })
+                b.iter(|| black_box(feed_all(ps)))
             });
         }
     }
     g.finish();
 }
 
-/// The observer without payload capture: what a tracked tunnel does per direction.
-fn observer(c: &mut Criterion) {
-    let mut g = c.benchmark_group("observer");
-    for (len, name) in SIZES {
-        let s = stream(len);
-        for (sizes, split) in SPLITS {
-            let ps = pieces(&s, sizes);
-            g.throughput(Throughput::Bytes(s.len() as u64));
-            g.bench_with_input(BenchmarkId::new(split, name), &ps, |b, ps| {
-                b.iter(|| {
-                    let mut d = observe::Direction::new();
-                    let mut seen = 0u64;
-                    for piece in ps {
-                        d.feed(black_box(piece), observe::Capture::default(), |_| seen += 1);
-                    }
-                    black_box((seen, d.frames, d.bytes))
-                })
+fn parser(c: &mut Criterion) {
+    sweep(c, "parser", |ps| {
+        let mut p = Parser::new();
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        for piece in ps {
+            p.feed(black_box(piece), |ev| match ev {
+                Event::Header(_) => {}
+                Event::Payload { data, .. } => bytes += data.len() as u64,
+                Event::End => frames += 1,
             });
         }
-    }
-    g.finish();
+        (frames, bytes)
+    });
+}
+
+/// The observer without payload capture: what a tracked tunnel does per direction.
+fn observer(c: &mut Criterion) {
+    sweep(c, "observer", |ps| {
+        let mut d = observe::Direction::new();
+        let mut seen = 0u64;
+        for piece in ps {
+            d.feed(black_box(piece), observe::Capture::default(), |_| seen += 1);
+        }
+        (seen, d.frames, d.bytes)
+    });
 }
 
 criterion_group!(benches, parser, observer);

@@ -403,14 +403,15 @@ pub fn reject(
         if let Some(mut lf) = lcf.log_file() {
             let tp = ngx::ffi::ngx_timeofday();
             let time = format_time(tp.sec, tp.msec as u32);
-            let request_id = request_id(r);
+            // SAFETY: the live request; the record is written before it ends.
+            let request_id = unsafe { request_id(r) };
             let uri = String::from_utf8_lossy(r.uri.as_bytes());
             let rec = RejectRecord {
                 time: &time,
                 event: "reject",
                 // SAFETY: a live request's connection.
                 conn: unsafe { (*r.connection).number } as _,
-                request_id: request_id.as_deref(),
+                request_id,
                 uri: &uri,
                 status: status as u16,
                 reason: reason.as_str(),
@@ -422,17 +423,23 @@ pub fn reject(
     status
 }
 
-/// `$request_id` of a request.
-fn request_id(r: &mut ngx_http_request_t) -> Option<String> {
+/// `$request_id` of a request, borrowed from the request pool where nginx keeps the value.
+///
+/// # Safety
+/// `r` must be a live request; the text lives as long as its pool, which callers must not
+/// outlive (a tunnel is dropped by a cleanup of that pool, before its memory is freed).
+pub unsafe fn request_id<'a>(r: *mut ngx_http_request_t) -> Option<&'a str> {
     // SAFETY: in nginx's thread.
     let mcf = unsafe { crate::cycle_main_conf() }?;
     let idx = ngx_uint_t::try_from(mcf.request_id_index).ok()?;
-    // SAFETY: the index was obtained at configuration time for this cycle.
+    // SAFETY: the index was obtained at configuration time for this cycle; nginx returns null
+    // or a value in the request pool.
     let v = unsafe { ngx_http_get_indexed_variable(r, idx).as_ref()? };
     if v.not_found() != 0 {
         return None;
     }
-    // SAFETY: a found value has `len` bytes at `data`.
+    // SAFETY: a found value has `len` bytes at `data`, in the request pool.
     let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
-    Some(String::from_utf8_lossy(b).into_owned())
+    // nginx's $request_id is 32 hex digits.
+    core::str::from_utf8(b).ok()
 }

@@ -166,6 +166,8 @@ struct Own {
     close_request: Option<(u16, &'static str, Option<[u8; 4]>)>,
     /// A Ping payload to inject at the next boundary.
     ping_request: Option<(Vec<u8>, Option<[u8; 4]>)>,
+    /// A Pong with this payload answers the proxy's Ping: consume it.
+    watch_pong: Option<Vec<u8>>,
 }
 
 impl Own {
@@ -261,8 +263,6 @@ pub struct Flow {
     pub closed: bool,
     /// The proxy's Close is completely written.
     pub close_written: bool,
-    /// A Pong with this payload answers the proxy's Ping: consume it.
-    pub watch_pong: Option<Vec<u8>>,
     policy: Policy,
     /// The frame the policy refused; the proxy then closes this direction with the peer's
     /// code and the tunnel closes the other.
@@ -297,7 +297,23 @@ impl Flow {
 
     /// Whether frames are judged (policy or an awaited Pong) before they are forwarded.
     fn judging(&self) -> bool {
-        self.policy.active() || self.watch_pong.is_some()
+        self.policy.active() || self.watching_pong()
+    }
+
+    /// From now on a Pong with this payload answers the proxy's Ping: it is consumed.
+    pub fn watch_pong(&mut self, payload: Vec<u8>) {
+        self.own_mut().watch_pong = Some(payload);
+    }
+
+    /// Whether a Pong answering the proxy's Ping is still awaited.
+    pub fn watching_pong(&self) -> bool {
+        self.own.as_deref().is_some_and(|o| o.watch_pong.is_some())
+    }
+
+    fn pong_seen(&mut self) {
+        if let Some(o) = self.own.as_deref_mut() {
+            o.watch_pong = None;
+        }
     }
 
     /// The injection and hold state, allocated on first use.
@@ -421,7 +437,7 @@ impl Flow {
                             self.obs
                                 .feed(&rest[..len], self.capture, |o| on(Event::Peer(o)));
                             on(Event::PongConsumed);
-                            self.watch_pong = None;
+                            self.pong_seen();
                             consumed += len;
                             continue;
                         }
@@ -571,7 +587,7 @@ impl Flow {
             return Judge::Violate(v);
         }
         let whole = u64::from(h.header_len).saturating_add(h.len);
-        let Some(expect) = self.watch_pong.as_deref() else {
+        let Some(expect) = self.own.as_deref().and_then(|o| o.watch_pong.as_deref()) else {
             return Judge::Forward(whole);
         };
         if h.opcode != Opcode::Pong || !h.fin || h.len != expect.len() as u64 {
@@ -636,7 +652,7 @@ impl Flow {
                     }
                     self.obs.feed(&frame, self.capture, |o| on(Event::Peer(o)));
                     on(Event::PongConsumed);
-                    self.watch_pong = None;
+                    self.pong_seen();
                     return take;
                 }
             };
@@ -881,7 +897,7 @@ mod tests {
         ));
         for reads in [vec![1], vec![3], vec![100]] {
             let mut f = Flow::new(Capture::default(), Policy::default(), 0);
-            f.watch_pong = Some(b"ngx-ws-7".to_vec());
+            f.watch_pong(b"ngx-ws-7".to_vec());
             let mut c = Conn::new(vec![2, 0, 50]);
             let ev = drive(&mut f, &mut c, &s, &reads, |_, _| {});
             let out = frames_of(&c.out);
@@ -889,10 +905,11 @@ mod tests {
             assert_eq!(out[0].1, b"other");
             assert_eq!(out[1].1, b"after");
             assert!(ev.contains(&"pong consumed".to_string()));
-            assert!(f.watch_pong.is_none());
+            assert!(!f.watching_pong());
             assert_eq!(f.obs.frames, 3);
             if reads == [100] {
-                assert!(f.own.is_none(), "whole frames are judged without holding");
+                let held = f.own.as_ref().map_or(0, |o| o.held.capacity());
+                assert_eq!(held, 0, "whole frames are judged without holding");
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use crate::frame::{parse_close_payload, unmask, Event, FrameHeader, Opcode, Parser};
 
-/// Control frames carry at most 125 payload bytes; a longer one is kept only up to this.
+/// Control frames carry at most 125 payload bytes; a longer Close is kept only up to this.
 const CONTROL_MAX: usize = 125;
 
 /// What to capture while observing.
@@ -29,6 +29,16 @@ pub struct Message {
     /// Unmasked payload prefix, when captured.
     pub payload: Vec<u8>,
     pub truncated: bool,
+}
+
+/// The data message in progress: a [`Message`] without its payload, which is kept apart.
+#[derive(Debug, Clone, Copy)]
+struct InProgress {
+    kind: Opcode,
+    len: u64,
+    frames: u64,
+    compressed: bool,
+    truncated: bool,
 }
 
 /// A frame that has completely passed.
@@ -63,16 +73,27 @@ pub struct Direction {
     pub messages: u64,
     /// Payload bytes of all frames (including a partly passed one).
     pub bytes: u64,
-    /// Whether this side sent a Close frame, and the first one's code and reason.
+    /// Whether this side sent a Close frame, and the first one's code.
     pub close_sent: bool,
     pub close_code: Option<u16>,
-    pub close_reason: Option<String>,
     /// Completed data frames (text, binary, continuation).
     pub data_frames: u64,
-    msg: Option<Message>,
-    frame_capture: Vec<u8>,
+    msg: Option<InProgress>,
+    /// Allocated when a Close frame or a captured payload first passes.
+    kept: Option<Box<Kept>>,
+}
+
+/// The bytes a direction keeps of the frame passing (payload prefix, Close payload) and the
+/// first Close reason: most tunnels carry neither a Close until their end nor `ws_log_payload`,
+/// so this is allocated on first use.
+#[derive(Debug, Default)]
+struct Kept {
+    frame: Vec<u8>,
     frame_truncated: bool,
-    control: Vec<u8>,
+    /// The message's payload prefix (its buffer is reused from message to message).
+    message: Vec<u8>,
+    close_payload: Vec<u8>,
+    close_reason: Option<String>,
 }
 
 impl Direction {
@@ -95,6 +116,11 @@ impl Direction {
         self.parser.current().is_some_and(|h| h.opcode.is_data())
     }
 
+    /// The reason in this side's first Close frame.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.kept.as_deref()?.close_reason.as_deref()
+    }
+
     /// See [`Parser::until_known`](crate::frame::Parser::until_known).
     pub fn until_known(&self) -> Option<u64> {
         self.parser.until_known()
@@ -109,31 +135,32 @@ impl Direction {
             bytes,
             close_sent,
             close_code,
-            close_reason,
             data_frames,
             msg,
-            frame_capture,
-            frame_truncated,
-            control,
+            kept,
         } = self;
 
         let mut data = data;
         while let Some(ev) = parser.next_event(&mut data) {
             match ev {
                 Event::Header(h) => {
-                    frame_capture.clear();
-                    *frame_truncated = false;
-                    control.clear();
+                    if let Some(k) = kept.as_deref_mut() {
+                        k.frame.clear();
+                        k.frame_truncated = false;
+                        k.close_payload.clear();
+                    }
                     match h.opcode {
                         Opcode::Text | Opcode::Binary => {
-                            *msg = Some(Message {
+                            *msg = Some(InProgress {
                                 kind: h.opcode,
                                 len: 0,
                                 frames: 0,
                                 compressed: cap.deflate && h.rsv1,
-                                payload: Vec::new(),
                                 truncated: false,
                             });
+                            if let Some(k) = kept.as_deref_mut() {
+                                k.message.clear();
+                            }
                         }
                         Opcode::Continuation if msg.is_none() => {
                             // A continuation without a start: counted as a frame, no message.
@@ -147,9 +174,10 @@ impl Direction {
                     let Some(h) = parser.last_header() else {
                         continue;
                     };
-                    if h.opcode.is_control() {
-                        let room = CONTROL_MAX.saturating_sub(control.len());
-                        keep(control, data, room, h.mask, offset);
+                    if h.opcode == Opcode::Close {
+                        let k = kept.get_or_insert_with(Box::default);
+                        let room = CONTROL_MAX.saturating_sub(k.close_payload.len());
+                        keep(&mut k.close_payload, data, room, h.mask, offset);
                         continue;
                     }
                     if !h.opcode.is_data() {
@@ -160,16 +188,17 @@ impl Direction {
                     if cap.payload == 0 || m.compressed {
                         continue;
                     }
-                    let room = cap.payload.saturating_sub(frame_capture.len());
+                    let k = kept.get_or_insert_with(Box::default);
+                    let room = cap.payload.saturating_sub(k.frame.len());
                     if data.len() > room {
-                        *frame_truncated = true;
+                        k.frame_truncated = true;
                     }
-                    keep(frame_capture, data, room, h.mask, offset);
-                    let room = cap.payload.saturating_sub(m.payload.len());
+                    keep(&mut k.frame, data, room, h.mask, offset);
+                    let room = cap.payload.saturating_sub(k.message.len());
                     if data.len() > room {
                         m.truncated = true;
                     }
-                    keep(&mut m.payload, data, room, h.mask, offset);
+                    keep(&mut k.message, data, room, h.mask, offset);
                 }
                 Event::End => {
                     let Some(&h) = parser.last_header() else {
@@ -188,11 +217,12 @@ impl Direction {
                         close_reason: None,
                     };
                     if h.opcode == Opcode::Close {
-                        let (code, reason) = parse_close_payload(control);
+                        let k = kept.get_or_insert_with(Box::default);
+                        let (code, reason) = parse_close_payload(&k.close_payload);
                         if !*close_sent {
                             *close_sent = true;
                             *close_code = code;
-                            close_reason.clone_from(&reason);
+                            k.close_reason.clone_from(&reason);
                         }
                         frame.close_code = code;
                         frame.close_reason = reason;
@@ -203,8 +233,10 @@ impl Direction {
                             m.frames += 1;
                             frame.message_kind = Some(m.kind);
                             if cap.payload > 0 && !m.compressed {
-                                frame.payload = Some(frame_capture.as_slice());
-                                frame.truncated = *frame_truncated;
+                                frame.payload =
+                                    Some(kept.as_deref().map_or(&[][..], |k| k.frame.as_slice()));
+                                frame.truncated =
+                                    kept.as_deref().is_some_and(|k| k.frame_truncated);
                             }
                             finished = h.fin;
                         }
@@ -212,10 +244,26 @@ impl Direction {
                     f(Observed::Frame(frame));
                     if finished {
                         *messages += 1;
-                        if let Some(m) = msg.as_ref() {
-                            f(Observed::Message(m));
+                        if let Some(p) = msg.take() {
+                            // Lend the kept prefix to the message, then take the buffer back.
+                            let payload = kept
+                                .as_deref_mut()
+                                .map(|k| core::mem::take(&mut k.message))
+                                .unwrap_or_default();
+                            let m = Message {
+                                kind: p.kind,
+                                len: p.len,
+                                frames: p.frames,
+                                compressed: p.compressed,
+                                payload,
+                                truncated: p.truncated,
+                            };
+                            f(Observed::Message(&m));
+                            if let Some(k) = kept.as_deref_mut() {
+                                k.message = m.payload;
+                                k.message.clear();
+                            }
                         }
-                        *msg = None;
                     }
                 }
             }
@@ -301,7 +349,7 @@ mod tests {
         assert_eq!(d.messages, 2);
         assert_eq!(d.bytes, 3 + 1 + 4 + 4 + 3 + 6);
         assert_eq!(d.close_code, Some(4000));
-        assert_eq!(d.close_reason.as_deref(), Some("done"));
+        assert_eq!(d.close_reason(), Some("done"));
         let msgs: Vec<_> = recs
             .iter()
             .filter_map(|r| match r {

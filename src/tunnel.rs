@@ -14,12 +14,12 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use ngx::ffi::{
     ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
-    ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_get_indexed_variable,
-    ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_pmemalign,
-    ngx_pool_cleanup_add, ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt,
-    ngx_send_pt, ngx_str_t, ngx_table_elt_t, sockaddr, socklen_t, NGX_AGAIN, NGX_ERROR,
-    NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
-    NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
+    ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_request_t,
+    ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_pmemalign, ngx_pool_cleanup_add,
+    ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, ngx_str_t,
+    ngx_table_elt_t, sockaddr, socklen_t, NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT,
+    NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE,
+    NGX_HTTP_VERSION_20, NGX_LOG_INFO,
 };
 use ngx::http::Request;
 use ngx::{ngx_log_debug_http, ngx_log_error};
@@ -77,7 +77,8 @@ struct Recorder {
     log: Option<NonNull<LogFile>>,
     events: u32,
     conn: u64,
-    request_id: Option<String>,
+    /// `$request_id`, in the request pool.
+    request_id: Option<&'static str>,
     /// `ws_log_payload`.
     payload: usize,
     /// The tunnel's counters in the `ws_status_zone`.
@@ -112,8 +113,47 @@ pub struct Tunnel {
     closing: Option<Closing>,
     drain_at: Option<ngx_msec_t>,
     drain_index: Option<usize>,
-    tick: ngx_event_t,
+    tick: Tick,
     ending: bool,
+}
+
+/// The tunnel's timer and posted event, allocated on first use: most tunnels never set a
+/// timer (no time directive) and never post (only the proxy's own close handshake does).
+#[derive(Default)]
+struct Tick(Option<Box<ngx_event_t>>);
+
+impl Tick {
+    /// The event, created on first use for tunnel `t`, logging to `log`.
+    fn event(&mut self, t: *mut Tunnel, log: *mut ngx::ffi::ngx_log_t) -> &mut ngx_event_t {
+        self.0.get_or_insert_with(|| {
+            // SAFETY: ngx_event_t is a plain C struct; all-zero is its initial state.
+            let mut ev: Box<ngx_event_t> = Box::new(unsafe { core::mem::zeroed() });
+            ev.handler = Some(ngx_http_ws_tick);
+            ev.data = t.cast();
+            ev.log = log;
+            ev.set_cancelable(1);
+            ev
+        })
+    }
+
+    fn posted(&self) -> bool {
+        self.0.as_ref().is_some_and(|ev| ev.posted() != 0)
+    }
+
+    /// Takes the event out of nginx's timer tree and posted queue.
+    fn cancel(&mut self) {
+        let Some(ev) = self.0.as_deref_mut() else {
+            return;
+        };
+        if ev.timer_set() != 0 {
+            // SAFETY: the event is in nginx's timer tree.
+            unsafe { ngx_del_timer(ev) };
+        }
+        if ev.posted() != 0 {
+            // SAFETY: the event is in the posted queue.
+            unsafe { ngx_delete_posted_event(ev) };
+        }
+    }
 }
 
 /// This worker's tunnels that drain at shutdown, and the timer that watches for it.
@@ -231,18 +271,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         payload: lcf.payload,
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
     };
-    let request_id = mcf.as_ref().and_then(|m| {
-        // SAFETY: the index was obtained at configuration time for this cycle.
-        let v = unsafe { ngx_http_get_indexed_variable(r, m.request_id_index as _) };
-        // SAFETY: nginx returns null or a valid value in the request pool.
-        let v = unsafe { v.as_ref()? };
-        if v.not_found() != 0 {
-            return None;
-        }
-        // SAFETY: a found value has `len` bytes at `data`.
-        let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
-        Some(String::from_utf8_lossy(b).into_owned())
-    });
+    // SAFETY: the live request; the tunnel is dropped by a cleanup of its pool, before the
+    // pool's memory (which holds the value) is freed.
+    let request_id = unsafe { crate::gate::request_id(r) };
 
     let client_conn = req.connection;
     let upstream_conn = u.peer.connection;
@@ -312,8 +343,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         closing: None,
         drain_at: None,
         drain_index: None,
-        // SAFETY: ngx_event_t is a plain C struct; all-zero is its initial state.
-        tick: unsafe { core::mem::zeroed() },
+        tick: Tick::default(),
         ending: false,
     };
     let t = allocate_tunnel(req.pool, tunnel);
@@ -346,10 +376,6 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     // SAFETY: just allocated, owned by the request pool, at its final address.
     let t = unsafe { &mut *t };
-    t.tick.handler = Some(ngx_http_ws_tick);
-    t.tick.data = t as *mut Tunnel as *mut _;
-    t.tick.log = log;
-    t.tick.set_cancelable(1);
     if let Some(m) = mcf.as_deref().filter(|m| m.status.enabled()) {
         // Labels: the ws_route rule ("" without routing); the upstream{} name, else the
         // peer's address.
@@ -388,7 +414,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             time: time.as_str(),
             event: "open",
             conn: t.rec.conn,
-            request_id: t.rec.request_id.as_deref(),
+            request_id: t.rec.request_id,
             uri: &uri,
             host: host.as_deref(),
             client: client.as_deref(),
@@ -746,7 +772,7 @@ impl Recorder {
                     time,
                     event: "frame",
                     conn: self.conn,
-                    request_id: self.request_id.as_deref(),
+                    request_id: self.request_id,
                     from,
                     opcode: OpcodeField(h.opcode),
                     fin: h.fin,
@@ -773,7 +799,7 @@ impl Recorder {
                     time,
                     event: "message",
                     conn: self.conn,
-                    request_id: self.request_id.as_deref(),
+                    request_id: self.request_id,
                     from,
                     kind: if m.kind == Opcode::Text {
                         "text"
@@ -799,7 +825,7 @@ impl Recorder {
                     time,
                     event: "frame",
                     conn: self.conn,
-                    request_id: self.request_id.as_deref(),
+                    request_id: self.request_id,
                     from: From::Proxy,
                     opcode: OpcodeField(*opcode),
                     fin: true,
@@ -904,10 +930,20 @@ impl Tunnel {
     }
 
     fn post_tick(&mut self) {
-        if self.tick.posted() == 0 {
-            // SAFETY: the event lives in the tunnel, which removes it from the queue in finish.
-            unsafe { ngx_post_event(&mut self.tick, ptr::addr_of_mut!(ngx_posted_events)) };
+        if !self.tick.posted() {
+            let ev = self.tick_event();
+            // SAFETY: the event lives as long as the tunnel, which removes it from the queue
+            // in finish and drop.
+            unsafe { ngx_post_event(ev, ptr::addr_of_mut!(ngx_posted_events)) };
         }
+    }
+
+    /// The tick event, created on first use.
+    fn tick_event(&mut self) -> &mut ngx_event_t {
+        let t: *mut Tunnel = self;
+        // SAFETY: the client connection is live while the tunnel is.
+        let log = unsafe { (*self.client_conn).log };
+        self.tick.event(t, log)
     }
 
     /// Whether an end of stream from `from` must wait: the proxy is closing and the other
@@ -973,8 +1009,9 @@ impl Tunnel {
             return;
         };
         let delay = deadline.saturating_sub(now).max(1);
-        // SAFETY: the event lives in the tunnel; ngx_add_timer re-arms an armed event.
-        unsafe { ngx_add_timer(&mut self.tick, delay) };
+        let ev = self.tick_event();
+        // SAFETY: the event lives as long as the tunnel; ngx_add_timer re-arms an armed event.
+        unsafe { ngx_add_timer(ev, delay) };
     }
 
     fn on_tick(&mut self) {
@@ -1021,7 +1058,7 @@ impl Tunnel {
     fn send_ping(&mut self, now: ngx_msec_t) {
         self.ping_seq = self.ping_seq.wrapping_add(1);
         let payload = format!("{PING_PREFIX}{}", self.ping_seq).into_bytes();
-        self.to_upstream.watch_pong = Some(payload.clone());
+        self.to_upstream.watch_pong(payload.clone());
         self.to_client.request_ping(payload);
         self.ping_sent = Some(now);
         self.flush_own();
@@ -1167,14 +1204,7 @@ impl Tunnel {
         if self.outcome.is_some() {
             return;
         }
-        if self.tick.timer_set() != 0 {
-            // SAFETY: the event is in nginx's timer tree.
-            unsafe { ngx_del_timer(&mut self.tick) };
-        }
-        if self.tick.posted() != 0 {
-            // SAFETY: the event is in the posted queue.
-            unsafe { ngx_delete_posted_event(&mut self.tick) };
-        }
+        self.tick.cancel();
         self.unregister_drain();
         // SAFETY: per the contract.
         let (cc, uc) = unsafe { (&mut *self.client_conn, self.upstream_conn.as_mut()) };
@@ -1247,7 +1277,7 @@ impl Tunnel {
                 time: time.as_str(),
                 event: "close",
                 conn: self.rec.conn,
-                request_id: self.rec.request_id.as_deref(),
+                request_id: self.rec.request_id,
                 duration_ms,
                 client: side(self.client()),
                 upstream: side(self.upstream()),
@@ -1310,21 +1340,14 @@ impl Tunnel {
             Some(From::Upstream) => self.upstream(),
             _ => return (None, None),
         };
-        (d.close_code, d.close_reason.as_deref())
+        (d.close_code, d.close_reason())
     }
 }
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
         // The request pool is going away: no timer or posted event may point here.
-        if self.tick.timer_set() != 0 {
-            // SAFETY: the event is in nginx's timer tree.
-            unsafe { ngx_del_timer(&mut self.tick) };
-        }
-        if self.tick.posted() != 0 {
-            // SAFETY: the event is in the posted queue.
-            unsafe { ngx_delete_posted_event(&mut self.tick) };
-        }
+        self.tick.cancel();
         self.unregister_drain();
         // Never left counted as active, even if nginx did not finalize through us.
         let duration_ms = now_msec().wrapping_sub(self.start) as u64;
@@ -1338,7 +1361,7 @@ fn side(d: &Direction) -> SideRecord<'_> {
         messages: d.messages,
         bytes: d.bytes,
         close_code: d.close_code,
-        close_reason: d.close_reason.as_deref(),
+        close_reason: d.close_reason(),
     }
 }
 

@@ -83,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut flow = Flow::new(Capture { payload: usize::from(head[4]), deflate: head[3] & 8 == 8 }, policy, u32::from(head[5]));
     if head[6] & 1 == 1 {
-        flow.watch_pong = Some(b"ngx-ws-ping-1".to_vec());
+        flow.watch_pong(b"ngx-ws-ping-1".to_vec());
     }
     let read = usize::from(head[7]).max(1);
     let close_at = usize::from(head[8]) * 8;

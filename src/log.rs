@@ -17,12 +17,13 @@ use crate::record::{Line, TimeText};
 /// One `ws_log` file, shared by every scope that names the same path.
 pub struct LogFile {
     file: *mut ngx_open_file_t,
-    /// Records waiting to be written; capacity `size`, empty when unbuffered.
+    /// Records waiting to be written, serialized in place: `size` bytes at most between
+    /// writes (its capacity grows past that once a record overflows it), empty when unbuffered.
     buf: Vec<u8>,
     size: usize,
     /// Records in `buf`.
     pending: u64,
-    /// Scratch space for one serialized record.
+    /// Scratch space for one serialized record, when unbuffered.
     line: Vec<u8>,
     flush: ngx_msec_t,
     event: ngx_event_t,
@@ -122,51 +123,72 @@ impl LogFile {
 
     /// Serializes and writes (or buffers) one record.
     pub fn write<T: Line>(&mut self, record: &T) {
-        let mut line = core::mem::take(&mut self.line);
-        line.clear();
-        if record.write_line(&mut line).is_err() {
-            self.dropped += 1;
-            crate::status::count_log_dropped(1);
+        if self.size == 0 {
+            let mut line = core::mem::take(&mut self.line);
+            line.clear();
+            if record.write_line(&mut line).is_ok() {
+                self.write_out(&line, 1);
+            } else {
+                self.count_unwritable();
+            }
             self.line = line;
             return;
         }
-        if self.size == 0 {
-            self.write_out(&line, 1);
-        } else {
-            if self.buf.len() + line.len() > self.size {
-                self.flush_buffer();
+        // Buffered: the record is serialized straight into the buffer, after what waits there.
+        if self.buf.capacity() < self.size {
+            self.buf.reserve_exact(self.size - self.buf.len());
+        }
+        let start = self.buf.len();
+        if record.write_line(&mut self.buf).is_err() {
+            self.buf.truncate(start);
+            self.count_unwritable();
+            return;
+        }
+        if self.buf.len() > self.size {
+            // It does not fit: what was there goes out first, then the record itself when it
+            // is larger than the buffer, else it stays as the buffer's first record.
+            if start > 0 {
+                self.write_out_buffered(start);
+                self.buf.drain(..start);
             }
-            if line.len() > self.size {
-                self.write_out(&line, 1);
-            } else {
-                if self.buf.capacity() < self.size {
-                    self.buf.reserve_exact(self.size - self.buf.len());
-                }
-                if self.buf.is_empty() && self.flush > 0 && self.event.timer_set() == 0 {
-                    // SAFETY: the event is pinned with self and handled by flush_handler.
-                    unsafe { ngx_add_timer(&mut self.event, self.flush) };
-                }
-                self.buf.extend_from_slice(&line);
-                self.pending += 1;
+            if self.buf.len() > self.size {
+                self.pending = 1;
+                self.flush_buffer();
+                return;
             }
         }
-        self.line = line;
+        if self.pending == 0 && self.flush > 0 && self.event.timer_set() == 0 {
+            // SAFETY: the event is pinned with self and handled by flush_handler.
+            unsafe { ngx_add_timer(&mut self.event, self.flush) };
+        }
+        self.pending += 1;
     }
 
-    /// Writes out whatever is buffered.
-    pub fn flush_buffer(&mut self) {
+    /// A record that could not be serialized is counted as dropped.
+    fn count_unwritable(&mut self) {
+        self.dropped += 1;
+        crate::status::count_log_dropped(1);
+    }
+
+    /// Writes the first `len` bytes of the buffer: every pending record.
+    fn write_out_buffered(&mut self, len: usize) {
         if self.event.timer_set() != 0 {
             // SAFETY: the timer was armed by `write` on this pinned event.
             unsafe { ngx_del_timer(&mut self.event) };
         }
-        if self.buf.is_empty() {
+        if len == 0 {
             return;
         }
         let buf = core::mem::take(&mut self.buf);
-        self.write_out(&buf, self.pending);
+        self.write_out(&buf[..len], self.pending);
         self.buf = buf;
-        self.buf.clear();
         self.pending = 0;
+    }
+
+    /// Writes out whatever is buffered.
+    pub fn flush_buffer(&mut self) {
+        self.write_out_buffered(self.buf.len());
+        self.buf.clear();
     }
 
     fn write_out(&mut self, data: &[u8], records: u64) {

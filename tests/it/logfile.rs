@@ -115,3 +115,48 @@ async fn failing_writes_drop_records_not_tunnels() {
     assert!(n >= 1, "{last}");
     ngx.assert_no_crash();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_buffer_writes_whole_records_in_order() {
+    let echo = echo_server().await;
+    // No flush= and a buffer of a few records: records reach the file only when it fills,
+    // and one record (1,500 payload bytes) is larger than the whole buffer.
+    let loc = format!(
+        "location / {{ ws_log logs/ws.log buffer=1k;\n\
+         ws_log_events frame close; ws_log_payload 1500; {} }}",
+        proxy_to(echo.addr)
+    );
+    let ngx = Nginx::start(1, "", &loc);
+    let mut ws = connect(&ngx.url("/")).await;
+    let texts: Vec<String> = (0..40)
+        .map(|i| {
+            if i == 20 {
+                "x".repeat(1500)
+            } else {
+                format!("m{i}")
+            }
+        })
+        .collect();
+    for t in &texts {
+        ws.send(Message::Text(t.clone())).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+    }
+    // The tunnel is open: what is on disk came out because the buffer filled.
+    let recs = ngx
+        .wait_records("logs/ws.log", |r| of_event(r, "frame").len() >= 60)
+        .await;
+    assert!(of_event(&recs, "close").is_empty());
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
+    for from in ["client", "upstream"] {
+        let payloads: Vec<&str> = of_event(&recs, "frame")
+            .into_iter()
+            .filter(|r| r["from"] == from && r["opcode"] == "text")
+            .map(|r| r["payload"].as_str().unwrap())
+            .collect();
+        assert_eq!(payloads, texts, "{from}'s frames, in order");
+    }
+    assert_eq!(of_event(&recs, "frame").len(), 82);
+    assert_eq!(recs.last().unwrap()["event"], "close");
+}

@@ -171,6 +171,30 @@ impl Parser {
         }
     }
 
+    /// At a frame boundary with the whole next frame in `data` (the usual case): takes it and
+    /// returns its header and payload, leaving the parser as after that frame's
+    /// [`Event::End`]. Otherwise takes nothing and returns `None`: use [`Parser::next_event`].
+    #[inline(always)]
+    pub fn whole_frame<'d>(&mut self, data: &mut &'d [u8]) -> Option<(FrameHeader, &'d [u8])> {
+        if self.state != State::Header || self.hdr_have != 0 || self.end_due {
+            return None;
+        }
+        let n = header_len(data);
+        if data.len() < n {
+            return None;
+        }
+        let h = decode_header(&data[..n]);
+        let total = usize::try_from(h.len).ok()?.checked_add(n)?;
+        if data.len() < total {
+            return None;
+        }
+        let payload = &data[n..total];
+        *data = &data[total..];
+        self.current = Some(h);
+        self.done = h.len;
+        Some((h, payload))
+    }
+
     /// Feeds `data` and calls `f` for every event, in stream order.
     pub fn feed<F: FnMut(Event<'_>)>(&mut self, mut data: &[u8], mut f: F) {
         while let Some(ev) = self.next_event(&mut data) {

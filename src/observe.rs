@@ -128,145 +128,157 @@ impl Direction {
 
     /// Feeds bytes that were written, calling `f` for each completed frame and message.
     pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, mut f: F) {
-        let Direction {
-            parser,
-            frames,
-            messages,
-            bytes,
-            close_sent,
-            close_code,
-            data_frames,
-            msg,
-            kept,
-        } = self;
-
         let mut data = data;
-        while let Some(ev) = parser.next_event(&mut data) {
-            match ev {
-                Event::Header(h) => {
-                    if let Some(k) = kept.as_deref_mut() {
-                        k.frame.clear();
-                        k.frame_truncated = false;
-                        k.close_payload.clear();
-                    }
-                    match h.opcode {
-                        Opcode::Text | Opcode::Binary => {
-                            *msg = Some(InProgress {
-                                kind: h.opcode,
-                                len: 0,
-                                frames: 0,
-                                compressed: cap.deflate && h.rsv1,
-                                truncated: false,
-                            });
-                            if let Some(k) = kept.as_deref_mut() {
-                                k.message.clear();
-                            }
-                        }
-                        Opcode::Continuation if msg.is_none() => {
-                            // A continuation without a start: counted as a frame, no message.
-                        }
-                        _ => {}
-                    }
+        loop {
+            // Whole frames in one step; frames split across writes event by event.
+            if let Some((h, payload)) = self.parser.whole_frame(&mut data) {
+                self.header(&h, cap);
+                if !payload.is_empty() {
+                    self.payload(&h, 0, payload, cap);
                 }
+                self.end(h, cap, &mut f);
+                continue;
+            }
+            let Some(ev) = self.parser.next_event(&mut data) else {
+                return;
+            };
+            match ev {
+                Event::Header(h) => self.header(&h, cap),
                 Event::Payload { offset, data } => {
-                    *bytes += data.len() as u64;
                     // The parser's header is the one this payload belongs to.
-                    let Some(h) = parser.last_header() else {
-                        continue;
-                    };
-                    if h.opcode == Opcode::Close {
-                        let k = kept.get_or_insert_with(Box::default);
-                        let room = CONTROL_MAX.saturating_sub(k.close_payload.len());
-                        keep(&mut k.close_payload, data, room, h.mask, offset);
-                        continue;
+                    if let Some(&h) = self.parser.last_header() {
+                        self.payload(&h, offset, data, cap);
                     }
-                    if !h.opcode.is_data() {
-                        continue;
-                    }
-                    let Some(m) = msg.as_mut() else { continue };
-                    m.len += data.len() as u64;
-                    if cap.payload == 0 || m.compressed {
-                        continue;
-                    }
-                    let k = kept.get_or_insert_with(Box::default);
-                    let room = cap.payload.saturating_sub(k.frame.len());
-                    if data.len() > room {
-                        k.frame_truncated = true;
-                    }
-                    keep(&mut k.frame, data, room, h.mask, offset);
-                    let room = cap.payload.saturating_sub(k.message.len());
-                    if data.len() > room {
-                        m.truncated = true;
-                    }
-                    keep(&mut k.message, data, room, h.mask, offset);
                 }
                 Event::End => {
-                    let Some(&h) = parser.last_header() else {
-                        continue;
-                    };
-                    *frames += 1;
-                    if h.opcode.is_data() {
-                        *data_frames += 1;
-                    }
-                    let mut frame = Frame {
-                        header: h,
-                        message_kind: None,
-                        payload: None,
-                        truncated: false,
-                        close_code: None,
-                        close_reason: None,
-                    };
-                    if h.opcode == Opcode::Close {
-                        let k = kept.get_or_insert_with(Box::default);
-                        let (code, reason) = parse_close_payload(&k.close_payload);
-                        if !*close_sent {
-                            *close_sent = true;
-                            *close_code = code;
-                            k.close_reason.clone_from(&reason);
-                        }
-                        frame.close_code = code;
-                        frame.close_reason = reason;
-                    }
-                    let mut finished = false;
-                    if h.opcode.is_data() {
-                        if let Some(m) = msg.as_mut() {
-                            m.frames += 1;
-                            frame.message_kind = Some(m.kind);
-                            if cap.payload > 0 && !m.compressed {
-                                frame.payload =
-                                    Some(kept.as_deref().map_or(&[][..], |k| k.frame.as_slice()));
-                                frame.truncated =
-                                    kept.as_deref().is_some_and(|k| k.frame_truncated);
-                            }
-                            finished = h.fin;
-                        }
-                    }
-                    f(Observed::Frame(frame));
-                    if finished {
-                        *messages += 1;
-                        if let Some(p) = msg.take() {
-                            // Lend the kept prefix to the message, then take the buffer back.
-                            let payload = kept
-                                .as_deref_mut()
-                                .map(|k| core::mem::take(&mut k.message))
-                                .unwrap_or_default();
-                            let m = Message {
-                                kind: p.kind,
-                                len: p.len,
-                                frames: p.frames,
-                                compressed: p.compressed,
-                                payload,
-                                truncated: p.truncated,
-                            };
-                            f(Observed::Message(&m));
-                            if let Some(k) = kept.as_deref_mut() {
-                                k.message = m.payload;
-                                k.message.clear();
-                            }
-                        }
+                    if let Some(&h) = self.parser.last_header() {
+                        self.end(h, cap, &mut f);
                     }
                 }
             }
+        }
+    }
+
+    /// A frame starts.
+    #[inline(always)]
+    fn header(&mut self, h: &FrameHeader, cap: Capture) {
+        if let Some(k) = self.kept.as_deref_mut() {
+            k.frame.clear();
+            k.frame_truncated = false;
+            k.close_payload.clear();
+        }
+        match h.opcode {
+            Opcode::Text | Opcode::Binary => {
+                self.msg = Some(InProgress {
+                    kind: h.opcode,
+                    len: 0,
+                    frames: 0,
+                    compressed: cap.deflate && h.rsv1,
+                    truncated: false,
+                });
+                if let Some(k) = self.kept.as_deref_mut() {
+                    k.message.clear();
+                }
+            }
+            // A continuation without a start is counted as a frame, with no message.
+            _ => {}
+        }
+    }
+
+    /// `data`, at `offset` in the payload of the frame `h`, passed.
+    #[inline(always)]
+    fn payload(&mut self, h: &FrameHeader, offset: u64, data: &[u8], cap: Capture) {
+        self.bytes += data.len() as u64;
+        if h.opcode == Opcode::Close {
+            let k = self.kept.get_or_insert_with(Box::default);
+            let room = CONTROL_MAX.saturating_sub(k.close_payload.len());
+            keep(&mut k.close_payload, data, room, h.mask, offset);
+            return;
+        }
+        if !h.opcode.is_data() {
+            return;
+        }
+        let Some(m) = self.msg.as_mut() else { return };
+        m.len += data.len() as u64;
+        if cap.payload == 0 || m.compressed {
+            return;
+        }
+        let k = self.kept.get_or_insert_with(Box::default);
+        let room = cap.payload.saturating_sub(k.frame.len());
+        if data.len() > room {
+            k.frame_truncated = true;
+        }
+        keep(&mut k.frame, data, room, h.mask, offset);
+        let room = cap.payload.saturating_sub(k.message.len());
+        if data.len() > room {
+            m.truncated = true;
+        }
+        keep(&mut k.message, data, room, h.mask, offset);
+    }
+
+    /// The frame `h` ended: it is reported, then the message it completed.
+    #[inline(always)]
+    fn end<F: FnMut(Observed<'_>)>(&mut self, h: FrameHeader, cap: Capture, f: &mut F) {
+        self.frames += 1;
+        if h.opcode.is_data() {
+            self.data_frames += 1;
+        }
+        let mut frame = Frame {
+            header: h,
+            message_kind: None,
+            payload: None,
+            truncated: false,
+            close_code: None,
+            close_reason: None,
+        };
+        if h.opcode == Opcode::Close {
+            let k = self.kept.get_or_insert_with(Box::default);
+            let (code, reason) = parse_close_payload(&k.close_payload);
+            if !self.close_sent {
+                self.close_sent = true;
+                self.close_code = code;
+                k.close_reason.clone_from(&reason);
+            }
+            frame.close_code = code;
+            frame.close_reason = reason;
+        }
+        let mut finished = false;
+        if h.opcode.is_data() {
+            if let Some(m) = self.msg.as_mut() {
+                m.frames += 1;
+                frame.message_kind = Some(m.kind);
+                if cap.payload > 0 && !m.compressed {
+                    let k = self.kept.as_deref();
+                    frame.payload = Some(k.map_or(&[][..], |k| k.frame.as_slice()));
+                    frame.truncated = k.is_some_and(|k| k.frame_truncated);
+                }
+                finished = h.fin;
+            }
+        }
+        f(Observed::Frame(frame));
+        if !finished {
+            return;
+        }
+        self.messages += 1;
+        let Some(p) = self.msg.take() else { return };
+        // Lend the kept prefix to the message, then take the buffer back.
+        let payload = self
+            .kept
+            .as_deref_mut()
+            .map(|k| core::mem::take(&mut k.message))
+            .unwrap_or_default();
+        let m = Message {
+            kind: p.kind,
+            len: p.len,
+            frames: p.frames,
+            compressed: p.compressed,
+            payload,
+            truncated: p.truncated,
+        };
+        f(Observed::Message(&m));
+        if let Some(k) = self.kept.as_deref_mut() {
+            k.message = m.payload;
+            k.message.clear();
         }
     }
 }

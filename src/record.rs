@@ -279,8 +279,11 @@ impl TimeText {
     }
 
     pub fn as_str(&self) -> &str {
-        // Only ASCII is ever written into buf.
-        core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+        let b = &self.buf[..usize::from(self.len)];
+        debug_assert!(b.is_ascii());
+        // SAFETY: only ASCII is ever written into buf (digits, separators, or the ASCII text of
+        // a formatted number); checking it per record cost more than formatting the time.
+        unsafe { core::str::from_utf8_unchecked(b) }
     }
 }
 
@@ -330,6 +333,14 @@ serde_lines!(OpenRecord, CloseRecord, RejectRecord);
 /// Appends JSON values to a line.
 struct Json<'o>(&'o mut Vec<u8>);
 
+/// Whether serde_json would escape something in `b`: a control character, '"' or '\\'.
+/// Branch-free, so that the compiler can check many bytes at a time.
+fn needs_escape(b: &[u8]) -> bool {
+    b.iter().fold(false, |esc, &x| {
+        esc | (x < 0x20) | (x == b'"') | (x == b'\\')
+    })
+}
+
 impl Json<'_> {
     /// A key (or other text known to need no escaping), as is.
     fn raw(&mut self, s: &str) {
@@ -337,13 +348,8 @@ impl Json<'_> {
     }
 
     fn str(&mut self, s: &str) -> serde_json::Result<()> {
-        // What serde_json escapes: control characters, '"' and '\\'. Times, names and most
-        // ids have none of them.
-        // Branch-free, so that the compiler can check many bytes at a time.
-        let plain = !s.bytes().fold(false, |esc, b| {
-            esc | (b < 0x20) | (b == b'"') | (b == b'\\')
-        });
-        if plain {
+        // Times, names and most ids need no escaping.
+        if !needs_escape(s.as_bytes()) {
             self.0.reserve(s.len() + 2);
             self.0.push(b'"');
             self.0.extend_from_slice(s.as_bytes());
@@ -497,6 +503,28 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::Value;
+
+    #[test]
+    fn escape_check_every_length_and_position() {
+        for len in 0..50 {
+            let plain: Vec<u8> = (0..len).map(|i| b' ' + (i % 95) as u8).collect();
+            let plain: Vec<u8> = plain
+                .into_iter()
+                .map(|b| if b == b'"' || b == b'\\' { b'a' } else { b })
+                .collect();
+            assert!(!needs_escape(&plain), "{len}");
+            let mut high = plain.clone();
+            high.extend_from_slice("é\u{7f}".as_bytes());
+            assert!(!needs_escape(&high), "{len} high");
+            for pos in 0..len {
+                for bad in [0x00, 0x1f, b'"', b'\\'] {
+                    let mut b = plain.clone();
+                    b[pos] = bad;
+                    assert!(needs_escape(&b), "{len} {pos} {bad}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn time_format() {

@@ -43,9 +43,11 @@ const USAGE: &str = "usage: ws-bench --nginx PATH --module PATH --out DIR [optio
                       workloads, 1000 idle tunnels
   --rounds N          rounds per workload (default 5)
   --duration SECS     measured time per configuration and round (default 0.6)
-  --pin               pin the proxy to CPU 1, the generator and the upstream to CPU 0
-                      (steadier on an otherwise idle machine; worse when other work runs,
-                      since the pinned processes cannot move away from it)
+  --no-pin            do not pin processes to CPUs. By default (with 2 CPUs or more) the
+                      proxy runs on CPU 1, the generator and the upstream on CPU 0: the
+                      proxy's CPU per message then moves by a few per cent from run to run
+                      instead of ±7 (measured here); worse when other work runs, since the
+                      pinned processes cannot move away from it
   --idle N            idle tunnels for the memory figure (default 10000; 0 skips)
   --only LIST         comma-separated workload id prefixes to run (echo, stream, idle,
                       echo-64B, ...)
@@ -80,7 +82,7 @@ fn parse_args() -> Result<Args, String> {
     let mut out = None;
     let mut work = None;
     let mut quick = false;
-    let mut pin = false;
+    let mut pin = true;
     let mut rounds = None;
     let mut duration = None;
     let mut idle = None;
@@ -98,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
             "--criterion" => criterion = Some(PathBuf::from(value()?)),
             "--quick" => quick = true,
             "--pin" => pin = true,
+            "--no-pin" => pin = false,
             "--rounds" => {
                 let v = value()?;
                 rounds = Some(v.parse().map_err(|e| format!("--rounds {v}: {e}"))?);

@@ -127,7 +127,23 @@ impl Direction {
     }
 
     /// Feeds bytes that were written, calling `f` for each completed frame and message.
-    pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, mut f: F) {
+    pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, f: F) {
+        self.run::<true, F>(data, cap, f);
+    }
+
+    /// Feeds bytes that were written for the totals and the Close frames only: the same
+    /// counters as [`Direction::feed`], no frames or messages reported, nothing captured.
+    pub fn count(&mut self, data: &[u8]) {
+        self.run::<false, _>(data, Capture::default(), |_| {});
+    }
+
+    #[inline(always)]
+    fn run<const REPORT: bool, F: FnMut(Observed<'_>)>(
+        &mut self,
+        data: &[u8],
+        cap: Capture,
+        mut f: F,
+    ) {
         let mut data = data;
         loop {
             // Whole frames in one step; frames split across writes event by event.
@@ -136,7 +152,7 @@ impl Direction {
                 if !payload.is_empty() {
                     self.payload(&h, 0, payload, cap);
                 }
-                self.end(h, cap, &mut f);
+                self.end::<REPORT, F>(h, cap, &mut f);
                 continue;
             }
             let Some(ev) = self.parser.next_event(&mut data) else {
@@ -152,7 +168,7 @@ impl Direction {
                 }
                 Event::End => {
                     if let Some(&h) = self.parser.last_header() {
-                        self.end(h, cap, &mut f);
+                        self.end::<REPORT, F>(h, cap, &mut f);
                     }
                 }
             }
@@ -216,21 +232,19 @@ impl Direction {
         keep(&mut k.message, data, room, h.mask, offset);
     }
 
-    /// The frame `h` ended: it is reported, then the message it completed.
+    /// The frame `h` ended: it is reported, then the message it completed (with `REPORT`).
     #[inline(always)]
-    fn end<F: FnMut(Observed<'_>)>(&mut self, h: FrameHeader, cap: Capture, f: &mut F) {
+    fn end<const REPORT: bool, F: FnMut(Observed<'_>)>(
+        &mut self,
+        h: FrameHeader,
+        cap: Capture,
+        f: &mut F,
+    ) {
         self.frames += 1;
         if h.opcode.is_data() {
             self.data_frames += 1;
         }
-        let mut frame = Frame {
-            header: h,
-            message_kind: None,
-            payload: None,
-            truncated: false,
-            close_code: None,
-            close_reason: None,
-        };
+        let (mut close_code, mut close_reason) = (None, None);
         if h.opcode == Opcode::Close {
             let k = self.kept.get_or_insert_with(Box::default);
             let (code, reason) = parse_close_payload(&k.close_payload);
@@ -239,28 +253,38 @@ impl Direction {
                 self.close_code = code;
                 k.close_reason.clone_from(&reason);
             }
-            frame.close_code = code;
-            frame.close_reason = reason;
+            (close_code, close_reason) = (code, reason);
         }
         let mut finished = false;
+        let mut message_kind = None;
+        let mut captured = false;
         if h.opcode.is_data() {
             if let Some(m) = self.msg.as_mut() {
                 m.frames += 1;
-                frame.message_kind = Some(m.kind);
-                if cap.payload > 0 && !m.compressed {
-                    let k = self.kept.as_deref();
-                    frame.payload = Some(k.map_or(&[][..], |k| k.frame.as_slice()));
-                    frame.truncated = k.is_some_and(|k| k.frame_truncated);
-                }
+                message_kind = Some(m.kind);
+                captured = cap.payload > 0 && !m.compressed;
                 finished = h.fin;
             }
         }
-        f(Observed::Frame(frame));
+        if REPORT {
+            let k = self.kept.as_deref();
+            f(Observed::Frame(Frame {
+                header: h,
+                message_kind,
+                payload: captured.then(|| k.map_or(&[][..], |k| k.frame.as_slice())),
+                truncated: captured && k.is_some_and(|k| k.frame_truncated),
+                close_code,
+                close_reason,
+            }));
+        }
         if !finished {
             return;
         }
         self.messages += 1;
         let Some(p) = self.msg.take() else { return };
+        if !REPORT {
+            return;
+        }
         // Lend the kept prefix to the message, then take the buffer back.
         let payload = self
             .kept
@@ -419,6 +443,34 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = s.chunks(1).collect();
         assert_eq!(run(&bytes, cap).0, whole);
+    }
+
+    #[test]
+    fn counting_gives_the_same_totals_at_every_split() {
+        let s = fragmented();
+        let totals = |d: &Direction| {
+            (
+                d.frames,
+                d.messages,
+                d.bytes,
+                d.data_frames,
+                d.close_sent,
+                d.close_code,
+                d.close_reason().map(str::to_owned),
+            )
+        };
+        let (_, fed) = run(&[&s], Capture::default());
+        for cut in 0..=s.len() {
+            let (a, b) = s.split_at(cut);
+            let mut d = Direction::new();
+            d.count(a);
+            d.count(b);
+            assert_eq!(totals(&d), totals(&fed), "cut at {cut}");
+        }
+        assert_eq!(
+            totals(&fed),
+            (6, 2, 21, 4, true, Some(4000), Some("done".into()))
+        );
     }
 
     #[test]

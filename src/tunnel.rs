@@ -115,6 +115,10 @@ pub struct Tunnel {
     drain_index: Option<usize>,
     tick: Tick,
     ending: bool,
+    /// The proxy never writes in this tunnel and nothing reads its frames one by one (only
+    /// counters, close records and variables): nginx's writes pass straight through and are
+    /// observed, without the shaping of [`Flow::send`].
+    passive: bool,
 }
 
 /// The tunnel's timer and posted event, allocated on first use: most tunnels never set a
@@ -345,6 +349,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         drain_index: None,
         tick: Tick::default(),
         ending: false,
+        passive: false,
     };
     let t = allocate_tunnel(req.pool, tunnel);
     let Some(tp) = NonNull::new(t) else {
@@ -352,6 +357,15 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     };
     request.set_module_ctx(t.cast(), crate::module());
 
+    // Only time directives and the policy make the proxy write frames of its own (Pings,
+    // Closes); without them it never closes a tunnel itself.
+    let proxy_writes = timers.idle > 0
+        || timers.lifetime > 0
+        || timers.ping > 0
+        || timers.drain > 0
+        || policy.max_frame > 0
+        || policy.max_message > 0
+        || policy.protocol_check;
     // SAFETY: the connections and upstream are live; the originals are kept in the tunnel,
     // which outlives both wrappers (they are restored in `finish`).
     unsafe {
@@ -359,14 +373,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         (*upstream_conn).send = Some(ngx_http_ws_send_upstream);
         // When the proxy itself closes a tunnel, it waits for both peers' Close replies: a
         // peer's end of stream must not end the tunnel while the other still owes its reply.
-        if timers.idle > 0
-            || timers.lifetime > 0
-            || timers.ping > 0
-            || timers.drain > 0
-            || policy.max_frame > 0
-            || policy.max_message > 0
-            || policy.protocol_check
-        {
+        if proxy_writes {
             (*client_conn).recv = Some(ngx_http_ws_recv_client);
             (*upstream_conn).recv = Some(ngx_http_ws_recv_upstream);
         }
@@ -389,6 +396,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         }
     }
 
+    t.passive = !proxy_writes && !t.rec.wants_events();
     if t.timers.drain > 0 {
         if let Some(m) = mcf {
             t.drain_index = Some(m.drain.tunnels.len());
@@ -859,6 +867,9 @@ impl Tunnel {
 
     /// A `send` call from nginx for one direction; returns what nginx's `send` returns.
     fn send(&mut self, from: From, data: &[u8]) -> isize {
+        if self.passive {
+            return self.pass(from, data);
+        }
         let now = now_msec();
         let (flow, mut sink) = match from {
             From::Upstream => (
@@ -927,6 +938,31 @@ impl Tunnel {
             Sent::Consumed(n) => n as isize,
             Sent::Error => NGX_ERROR as isize,
         }
+    }
+
+    /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed.
+    fn pass(&mut self, from: From, data: &[u8]) -> isize {
+        let (flow, c, send) = match from {
+            From::Upstream => (&mut self.to_client, self.client_conn, self.client_send),
+            _ => (
+                &mut self.to_upstream,
+                self.upstream_conn,
+                self.upstream_send,
+            ),
+        };
+        let Some(send) = send else {
+            return NGX_ERROR as isize;
+        };
+        // SAFETY: nginx's own send on its live connection, with the arguments nginx gave.
+        let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
+        if n > 0 {
+            let had_close = flow.obs.close_sent;
+            flow.observe(&data[..(n as usize).min(data.len())]);
+            if !had_close && flow.obs.close_sent && self.first_close.is_none() {
+                self.first_close = Some(from);
+            }
+        }
+        n
     }
 
     fn post_tick(&mut self) {

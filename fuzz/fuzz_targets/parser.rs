@@ -1,5 +1,6 @@
 //! Differential: any bytes, fed whole or cut at fuzzer-chosen points, give the same frames and
-//! messages, and the observer's counters add up.
+//! messages, and the observer's counters add up; counting only (`Direction::count`, passive
+//! tunnels) gives the same totals and Close as the full observer.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,6 +16,21 @@ impl Digest {
         }
         self.1 += 1;
     }
+}
+
+type Totals = (u64, u64, u64, u64, bool, Option<u16>, Option<String>);
+
+fn totals(d: &Direction) -> Totals {
+    let r = d.close_reason().map(str::to_owned);
+    (d.frames, d.messages, d.bytes, d.data_frames, d.close_sent, d.close_code, r)
+}
+
+fn count(chunks: &[&[u8]]) -> Totals {
+    let mut d = Direction::new();
+    for c in chunks {
+        d.count(c);
+    }
+    totals(&d)
 }
 
 fn run(chunks: &[&[u8]], cap: Capture) -> (u64, u64, u64, u64, u64) {
@@ -39,6 +55,7 @@ fn run(chunks: &[&[u8]], cap: Capture) -> (u64, u64, u64, u64, u64) {
             }
         });
     }
+    assert_eq!(count(chunks), totals(&d), "counting differs from observing");
     (h.0, h.1, d.frames, d.messages, d.bytes)
 }
 

@@ -580,3 +580,58 @@ async fn untracked_requests_pass_untouched() {
         ngx.read("logs/ws.log")
     );
 }
+
+/// Tunnels with only close records and variables are passive (the proxy never writes, sends
+/// are counted rather than shaped): they report what a tunnel with frame and message records
+/// reports for the same exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counted_tunnels_report_what_observed_ones_do() {
+    let echo = echo_server().await;
+    let p = proxy_to(echo.addr);
+    let locs = format!(
+        "location /observed/ {{ ws_log logs/observed.log; ws_log_events frame message close;\n\
+         access_log logs/observed.access ws; {p} }}\n\
+         location /counted/ {{ ws_log logs/counted.log; ws_log_events close;\n\
+         access_log logs/counted.access ws; {p} }}"
+    );
+    let ngx = Nginx::start(1, WS_FORMAT, &locs);
+    for path in ["/observed/x", "/counted/x"] {
+        let mut ws = connect(&ngx.url(path)).await;
+        for m in [
+            Message::Text("hello".into()),
+            Message::Binary(vec![7; 70_000]),
+            Message::Text("é".repeat(40_000)),
+            Message::Binary(vec![]),
+        ] {
+            ws.send(m.clone()).await.unwrap();
+            assert_eq!(next_data(&mut ws).await, m);
+        }
+        ws.send(Message::Ping(b"p".to_vec())).await.unwrap();
+        ws.send(Message::Text("last".into())).await.unwrap();
+        next_data(&mut ws).await;
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Library(4001),
+            reason: "bye now".into(),
+        }))
+        .await
+        .unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let observed = ngx.wait_records("logs/observed.log", closes(1)).await;
+    let counted = ngx.wait_records("logs/counted.log", closes(1)).await;
+    assert_eq!(counted.len(), 1, "only the close record");
+    let (o, c) = (of_event(&observed, "close")[0], &counted[0]);
+    for key in ["client", "upstream", "closed_by", "end"] {
+        assert_eq!(c[key], o[key], "{key}");
+    }
+    assert_eq!(c["client"]["frames"], client_frames(&observed).len());
+    assert_eq!(c["client"]["messages"], 5);
+    assert_eq!(c["client"]["close_code"], 4001);
+    assert_eq!(c["client"]["close_reason"], "bye now");
+    // The variables too (the duration aside).
+    let strip = |l: &str| l.rsplitn(3, ' ').nth(2).unwrap_or_default().to_string();
+    let o = ngx.wait_lines("logs/observed.access", 1).await;
+    let c = ngx.wait_lines("logs/counted.access", 1).await;
+    assert_eq!(strip(&c[0]), strip(&o[0]));
+    assert!(c[0].starts_with("101 7 "), "{}", c[0]);
+}

@@ -27,7 +27,7 @@ use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
 use crate::conf::{events, LocConf, MainConf};
-use crate::record::{format_time, RejectRecord};
+use crate::record::RejectRecord;
 use crate::route::{self, Chosen, Handshake, RequestError, UpgradeRequest};
 
 /// `426 Upgrade Required`: nginx has no status line of its own for it.
@@ -401,13 +401,14 @@ pub fn reject(
     );
     if lcf.events & events::REJECT != 0 {
         if let Some(mut lf) = lcf.log_file() {
-            let tp = ngx::ffi::ngx_timeofday();
-            let time = format_time(tp.sec, tp.msec as u32);
+            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
+            let lf = unsafe { lf.as_mut() };
+            let time = lf.now_text();
             // SAFETY: the live request; the record is written before it ends.
             let request_id = unsafe { request_id(r) };
             let uri = String::from_utf8_lossy(r.uri.as_bytes());
             let rec = RejectRecord {
-                time: &time,
+                time: time.as_str(),
                 event: "reject",
                 // SAFETY: a live request's connection.
                 conn: unsafe { (*r.connection).number } as _,
@@ -416,8 +417,7 @@ pub fn reject(
                 status: status as u16,
                 reason: reason.as_str(),
             };
-            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            unsafe { lf.as_mut() }.write(&rec);
+            lf.write(&rec);
         }
     }
     status

@@ -8,15 +8,6 @@ use serde::{Serialize, Serializer};
 
 use crate::frame::Opcode;
 
-/// The fields every record starts with.
-#[derive(Debug, Clone, Copy)]
-pub struct Meta<'a> {
-    /// RFC 3339 UTC with milliseconds, see [`format_time`].
-    pub time: &'a str,
-    pub conn: u64,
-    pub request_id: Option<&'a str>,
-}
-
 /// Which peer sent a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -214,12 +205,13 @@ pub struct RejectRecord<'a> {
 }
 
 /// Formats seconds and milliseconds since the epoch as `2026-11-23T22:00:00.123Z`.
+#[cfg(test)]
 pub fn format_time(sec: i64, msec: u32) -> String {
     TimeText::new(sec, msec).as_str().to_owned()
 }
 
-/// A formatted record time (see [`format_time`]), built without allocating: records on the
-/// data path share one per millisecond.
+/// A record time, RFC 3339 UTC with milliseconds (`2026-11-23T22:00:00.123Z`), built without
+/// allocating: records share one per millisecond (see `LogFile::now_text`).
 #[derive(Debug, Clone, Copy)]
 pub struct TimeText {
     buf: [u8; 40],

@@ -30,8 +30,8 @@ use crate::frame::Opcode;
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
-    CloseRecord, End, FrameRecord, From, Line, MessageRecord, OpcodeField, OpenRecord,
-    PayloadField, SideRecord, TimeText,
+    CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
+    SideRecord,
 };
 use crate::status::{self, Slot};
 
@@ -408,7 +408,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     }
     t.arm(now);
 
-    if t.rec.events & events::OPEN != 0 {
+    if let Some(lf) = t.rec.file().filter(|_| t.rec.events & events::OPEN != 0) {
         let uri = String::from_utf8_lossy(req.uri.as_bytes()).into_owned();
         let host = non_empty(&req.headers_in.server);
         // SAFETY: the connection's address fields are set for accepted connections.
@@ -417,7 +417,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // SAFETY: the request is live.
         let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
         let upstream_name = routed.or(upstream_name);
-        let time = t.rec.now_text();
+        let time = lf.now_text();
         let rec = OpenRecord {
             time: time.as_str(),
             event: "open",
@@ -432,7 +432,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             subprotocol: subprotocol.as_deref(),
             extensions: extensions.as_deref(),
         };
-        t.rec.write(&rec);
+        lf.write(&rec);
     }
 }
 
@@ -724,16 +724,12 @@ unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
 }
 
 impl Recorder {
-    /// The time for a record now (the log file formats it once per millisecond).
-    fn now_text(&mut self) -> TimeText {
-        match self.log {
-            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            Some(mut lf) => unsafe { lf.as_mut() }.now_text(),
-            None => {
-                let tp = ngx::ffi::ngx_timeofday();
-                TimeText::new(tp.sec, tp.msec as u32)
-            }
-        }
+    /// The `ws_log` file records go to, if any. It is not the recorder's: it lives in the
+    /// configuration pool of the worker's cycle, for as long as the worker.
+    fn file(&self) -> Option<&'static mut LogFile> {
+        // SAFETY: as above; nginx's one thread holds no other reference to the file while a
+        // record is written.
+        self.log.map(|lf| unsafe { &mut *lf.as_ptr() })
     }
 
     /// Whether `on` does anything with frame and message events.
@@ -742,22 +738,15 @@ impl Recorder {
             || (self.log.is_some() && self.events & (events::FRAME | events::MESSAGE) != 0)
     }
 
-    fn write<T: Line>(&self, record: &T) {
-        if let Some(mut lf) = self.log {
-            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            unsafe { lf.as_mut() }.write(record);
-        }
-    }
-
     /// Writes the record for something a flow did.
     fn on(&mut self, from: From, e: &Event<'_>) {
         if let Some(s) = self.stats {
             s.entry().on_event(from, e);
         }
         let want = self.events & (events::FRAME | events::MESSAGE);
-        if want == 0 || self.log.is_none() {
+        let Some(lf) = self.file().filter(|_| want != 0) else {
             return;
-        }
+        };
         let wanted = match e {
             Event::Peer(Observed::Frame(_)) | Event::Proxy { .. } => want & events::FRAME != 0,
             Event::Peer(Observed::Message(_)) => want & events::MESSAGE != 0,
@@ -766,7 +755,7 @@ impl Recorder {
         if !wanted {
             return;
         }
-        let time = self.now_text();
+        let time = lf.now_text();
         let time = time.as_str();
         match e {
             Event::Peer(Observed::Frame(f)) => {
@@ -794,7 +783,7 @@ impl Recorder {
                     code: f.close_code,
                     reason: f.close_reason.as_deref(),
                 };
-                self.write(&rec);
+                lf.write(&rec);
             }
             Event::Peer(Observed::Message(m)) => {
                 let captured = self.payload > 0 && !m.compressed;
@@ -820,7 +809,7 @@ impl Recorder {
                     payload,
                     payload_truncated: payload.map(|p| p.truncated),
                 };
-                self.write(&rec);
+                lf.write(&rec);
             }
             Event::Proxy {
                 opcode,
@@ -847,7 +836,7 @@ impl Recorder {
                     code: *code,
                     reason: *reason,
                 };
-                self.write(&rec);
+                lf.write(&rec);
             }
             _ => {}
         }
@@ -1307,8 +1296,9 @@ impl Tunnel {
             }
         }
 
-        if self.rec.events & events::CLOSE != 0 {
-            let time = self.rec.now_text();
+        let log = self.rec.file();
+        if let Some(lf) = log.filter(|_| self.rec.events & events::CLOSE != 0) {
+            let time = lf.now_text();
             let rec = CloseRecord {
                 time: time.as_str(),
                 event: "close",
@@ -1320,15 +1310,10 @@ impl Tunnel {
                 closed_by,
                 end,
             };
-            let mut log = self.rec.log;
-            if let Some(lf) = log.as_mut() {
-                // SAFETY: LogFiles live in the configuration pool.
-                unsafe { lf.as_mut() }.write(&rec);
-            }
+            lf.write(&rec);
         }
-        if let Some(mut lf) = self.rec.log {
-            // SAFETY: as above.
-            unsafe { lf.as_mut() }.flush_buffer();
+        if let Some(lf) = self.rec.file() {
+            lf.flush_buffer();
         }
     }
 

@@ -344,12 +344,6 @@ impl Flow {
         !self.closed && (self.own.as_deref().is_some_and(Own::requested) || self.judging())
     }
 
-    /// Counts bytes the peer's `send` wrote without the flow's shaping, for tunnels in which
-    /// the proxy never writes and nothing reads frame events (see [`Direction::count`]).
-    pub fn observe(&mut self, written: &[u8]) {
-        self.obs.count(written);
-    }
-
     /// The input is between frames (nothing held, no frame half passed).
     pub fn at_boundary(&self) -> bool {
         self.obs.at_boundary() && self.own.as_deref().is_none_or(|o| o.held.is_empty())

@@ -946,7 +946,7 @@ impl Tunnel {
         let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
         if n > 0 {
             let had_close = flow.obs.close_sent;
-            flow.observe(&data[..(n as usize).min(data.len())]);
+            flow.obs.count(&data[..(n as usize).min(data.len())]);
             if !had_close && flow.obs.close_sent && self.first_close.is_none() {
                 self.first_close = Some(from);
             }

@@ -27,16 +27,7 @@ use frame::{encode_header, Event, FrameHeader, Opcode, Parser};
 const STREAM_BYTES: usize = 1 << 20;
 
 fn frame_bytes(len: usize, i: usize) -> Vec<u8> {
-    let h = FrameHeader {
-        fin: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode: Opcode::Text,
-        mask: Some([1, 2, 3, (i % 251) as u8]),
-        len: len as u64,
-        header_len: 0,
-    };
+    let h = FrameHeader::single(Opcode::Text, Some([1, 2, 3, (i % 251) as u8]), len as u64);
     let (hdr, n) = encode_header(&h);
     let mut out = hdr[..n].to_vec();
     out.resize(n + len, b'x');

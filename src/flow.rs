@@ -220,16 +220,7 @@ impl Own {
         code: Option<u16>,
         reason: Option<&'static str>,
     ) {
-        let h = FrameHeader {
-            fin: true,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode,
-            mask,
-            len: payload.len() as u64,
-            header_len: 0,
-        };
+        let h = FrameHeader::single(opcode, mask, payload.len() as u64);
         let (hdr, n) = encode_header(&h);
         self.inject.extend_from_slice(&hdr[..n]);
         let start = self.inject.len();

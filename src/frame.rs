@@ -86,6 +86,23 @@ pub struct FrameHeader {
     pub header_len: u8,
 }
 
+impl FrameHeader {
+    /// The header of an unfragmented frame without reserved bits (`header_len` is left to
+    /// [`encode_header`]).
+    pub fn single(opcode: Opcode, mask: Option<[u8; 4]>, len: u64) -> FrameHeader {
+        FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            len,
+            header_len: 0,
+        }
+    }
+}
+
 /// What the parser reports while it is fed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -390,12 +407,7 @@ pub(crate) mod tests {
         let h = FrameHeader {
             fin,
             rsv1,
-            rsv2: false,
-            rsv3: false,
-            opcode,
-            mask,
-            len: payload.len() as u64,
-            header_len: 0,
+            ..FrameHeader::single(opcode, mask, payload.len() as u64)
         };
         let (hdr, n) = encode_header(&h);
         let mut out = hdr[..n].to_vec();
@@ -519,16 +531,7 @@ pub(crate) mod tests {
             assert_eq!(frames[0].1, payload);
         }
         // A 64-bit length far beyond memory: only counted.
-        let h = FrameHeader {
-            fin: true,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode: Opcode::Binary,
-            mask: None,
-            len: 1 << 40,
-            header_len: 0,
-        };
+        let h = FrameHeader::single(Opcode::Binary, None, 1 << 40);
         let (hdr, n) = encode_header(&h);
         let mut p = Parser::new();
         let mut got = None;

@@ -108,8 +108,6 @@ pub struct MainConf {
     pub logs: Vec<NonNull<LogFile>>,
     /// Some scope has `ws_drain`: workers watch for their graceful shutdown.
     pub drain_used: bool,
-    /// This worker's tunnels that drain on shutdown, and the shutdown watcher.
-    pub drain: crate::tunnel::DrainList,
     /// `ws_status_zone`.
     pub status: crate::status::StatusConf,
     /// Some scope has `ws_route`, `ws_allow_origin` or `ws_handshake strict`: the request gate
@@ -136,7 +134,6 @@ impl Default for MainConf {
             request_id_index: NGX_ERROR as ngx_int_t,
             logs: Vec::new(),
             drain_used: false,
-            drain: crate::tunnel::DrainList::default(),
             gate_used: false,
             route_upstreams: Vec::new(),
             route_index: NGX_ERROR as ngx_int_t,

@@ -16,19 +16,20 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_http_clean_header, ngx_http_get_indexed_variable,
-    ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_PREACCESS_PHASE, ngx_http_request_t, ngx_int_t,
-    ngx_list_push, ngx_list_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t, ngx_variable_value_t,
-    NGX_DECLINED, NGX_HTTP_BAD_GATEWAY, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN, NGX_HTTP_GET,
-    NGX_HTTP_NOT_FOUND, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_VERSION_11, NGX_LOG_ERR,
-    NGX_LOG_INFO,
+    ngx_array_push, ngx_conf_t, ngx_http_clean_header, ngx_http_handler_pt,
+    ngx_http_phases_NGX_HTTP_PREACCESS_PHASE, ngx_http_request_t, ngx_int_t, ngx_list_push,
+    ngx_str_t, ngx_table_elt_t, ngx_uint_t, ngx_variable_value_t, NGX_DECLINED,
+    NGX_HTTP_BAD_GATEWAY, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN, NGX_HTTP_GET,
+    NGX_HTTP_NOT_FOUND, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_VERSION_11, NGX_HTTP_VERSION_20,
+    NGX_LOG_ERR, NGX_LOG_INFO,
 };
-use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
+use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
 use crate::conf::{events, LocConf, MainConf};
+use crate::http::{self, header_values};
 use crate::record::RejectRecord;
-use crate::route::{self, Chosen, Handshake, RequestError, UpgradeRequest};
+use crate::route::{self, Chosen, Handshake, RequestError, Upgrade, UpgradeRequest};
 
 /// `426 Upgrade Required`: nginx has no status line of its own for it.
 pub const NGX_HTTP_UPGRADE_REQUIRED: ngx_int_t = 426;
@@ -77,28 +78,6 @@ pub unsafe fn install(cf: *mut ngx_conf_t, mcf: &MainConf) -> Status {
     Status::NGX_OK
 }
 
-/// Values of headers called `name` (lowercase) in a headers list, in order; removed entries
-/// (hash 0) skipped.
-fn header_values<'a>(list: &'a ngx_list_t, name: &[u8]) -> Vec<&'a [u8]> {
-    let mut out = Vec::new();
-    let mut part = &list.part;
-    loop {
-        let elts = part.elts.cast::<ngx_table_elt_t>();
-        for i in 0..part.nelts {
-            // SAFETY: a request's headers list holds `nelts` ngx_table_elt_t per part.
-            let h = unsafe { &*elts.add(i) };
-            if h.hash != 0 && h.key.as_bytes().eq_ignore_ascii_case(name) {
-                out.push(h.value.as_bytes());
-            }
-        }
-        // SAFETY: `next` is null or the next part of the same list.
-        match unsafe { part.next.as_ref() } {
-            Some(next) => part = next,
-            None => return out,
-        }
-    }
-}
-
 /// Adds a response header.
 fn add_header_out(r: &mut ngx_http_request_t, key: &'static str, value: &'static str) -> bool {
     // SAFETY: headers_out.headers is the request's list of ngx_table_elt_t.
@@ -123,12 +102,10 @@ fn add_header_out(r: &mut ngx_http_request_t, key: &'static str, value: &'static
     true
 }
 
-/// Whether the client asked for a WebSocket upgrade (`Upgrade` names `websocket`).
+/// Whether the request is an upgrade attempt (any `Upgrade` field): every check of the gate
+/// applies to it as to a WebSocket upgrade, since nginx tunnels it once the upstream says 101.
 fn is_ws_upgrade(r: &ngx_http_request_t) -> bool {
-    route::has_token(
-        &header_values(&r.headers_in.headers, b"upgrade"),
-        b"websocket",
-    )
+    http::upgrade_offer(r) != Upgrade::None
 }
 
 /// The routing decision for a request in a location with `ws_route`.
@@ -191,42 +168,32 @@ pub unsafe extern "C" fn ngx_http_ws_route_variable(
     data: usize,
 ) -> ngx_int_t {
     // SAFETY: nginx passes a live request and a value slot to fill.
-    let (request, req, v) = unsafe { (Request::from_ngx_http_request(r), &*r, &mut *v) };
-    let c = crate::loc_conf(request).and_then(|lcf| decide(req, lcf));
+    let (req, v) = unsafe { (&*r, &mut *v) };
+    let c = crate::loc_conf(http::request(req)).and_then(|lcf| decide(req, lcf));
     fill(v, c.map(|c| if data == 0 { c.route } else { c.upstream }));
     Status::NGX_OK.into()
 }
 
-/// `$ws_route` and `$ws_upstream` of a request, for the tunnel's `open` record.
+/// `$ws_route` and `$ws_upstream` of a request, for the tunnel's `open` record and labels.
 ///
 /// # Safety
-/// `r` must be a live request.
-pub unsafe fn chosen(r: *mut ngx_http_request_t) -> Option<(String, String)> {
-    // SAFETY: called in nginx's thread with a live request.
-    let mcf = unsafe { crate::cycle_main_conf() }?;
-    let get = |idx: ngx_int_t| {
-        let idx = ngx_uint_t::try_from(idx).ok()?;
-        // SAFETY: idx was obtained at configuration time for this cycle.
-        let v = unsafe { ngx_http_get_indexed_variable(r, idx).as_ref()? };
-        if v.not_found() != 0 || v.valid() == 0 {
-            return None;
-        }
-        // SAFETY: a valid value has `len` bytes at `data`.
-        let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
-        Some(String::from_utf8_lossy(b).into_owned())
-    };
+/// `r` must be a live request of the cycle whose main conf is `mcf`.
+pub unsafe fn chosen(r: *mut ngx_http_request_t, mcf: &MainConf) -> Option<(String, String)> {
+    // SAFETY: per the contract, the indices are this cycle's.
+    let get =
+        |idx| unsafe { http::indexed(r, idx) }.map(|b| String::from_utf8_lossy(b).into_owned());
     Some((get(mcf.route_index)?, get(mcf.upstream_index)?))
 }
 
 /// The preaccess handler: strict handshake, then origin, then route.
 unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls phase handlers with a live request.
-    let (request, req) = unsafe { (Request::from_ngx_http_request(r), &mut *r) };
+    let req = unsafe { &mut *r };
     let declined = NGX_DECLINED as ngx_int_t;
     if !ptr::eq(r, req.main) {
         return declined;
     }
-    let Some(lcf) = crate::loc_conf(request) else {
+    let Some(lcf) = crate::loc_conf(http::request(req)) else {
         return declined;
     };
     // SAFETY: in nginx's thread.
@@ -251,6 +218,8 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
         let check = route::check_request(&UpgradeRequest {
             get: req.method == NGX_HTTP_GET as ngx_uint_t,
             http11: req.http_version >= NGX_HTTP_VERSION_11 as ngx_uint_t,
+            http2: req.http_version >= NGX_HTTP_VERSION_20 as ngx_uint_t,
+            upgrade: http::upgrade_offer(req),
             connection: &connection,
             key: &key,
             version: &version,
@@ -260,7 +229,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
             Err(RequestError::Bad(why)) => {
                 ngx_log_error!(
                     NGX_LOG_INFO,
-                    request.log(),
+                    log_of(req),
                     "ws: bad upgrade request: {}",
                     why
                 );
@@ -274,7 +243,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
             Err(RequestError::Version) => {
                 ngx_log_error!(
                     NGX_LOG_INFO,
-                    request.log(),
+                    log_of(req),
                     "ws: unsupported \"Sec-WebSocket-Version\""
                 );
                 if !add_header_out(req, "Sec-WebSocket-Version", "13") {
@@ -295,7 +264,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
                     .unwrap_or_default();
                 ngx_log_error!(
                     NGX_LOG_INFO,
-                    request.log(),
+                    log_of(req),
                     "ws: origin \"{}\" not allowed",
                     shown
                 );
@@ -331,16 +300,16 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
 /// `r` must be a live request in a header filter.
 pub unsafe fn check_upstream_101(r: *mut ngx_http_request_t) -> Option<ngx_int_t> {
     // SAFETY: per the contract.
-    let (request, req) = unsafe { (Request::from_ngx_http_request(r), &mut *r) };
+    let req = unsafe { &mut *r };
     if req.headers_out.status != NGX_HTTP_SWITCHING_PROTOCOLS as ngx_uint_t
         || req.upstream.is_null()
         || !ptr::eq(r, req.main)
     {
         return None;
     }
-    let lcf = crate::loc_conf(request)?;
+    let lcf = crate::loc_conf(http::request(req))?;
     // SAFETY: checked non-null; the upstream lives as long as the request.
-    if !lcf.strict() || unsafe { (*req.upstream).upgrade() } == 0 || !is_ws_upgrade(req) {
+    if !lcf.strict() || unsafe { (*req.upstream).upgrade() } == 0 || !http::is_websocket_101(req) {
         return None;
     }
     let hin = &req.headers_in.headers;
@@ -362,7 +331,7 @@ pub unsafe fn check_upstream_101(r: *mut ngx_http_request_t) -> Option<ngx_int_t
     let why = check.err()?;
     ngx_log_error!(
         NGX_LOG_ERR,
-        request.log(),
+        log_of(req),
         "ws: upstream sent an invalid WebSocket handshake: {}",
         why
     );
@@ -405,7 +374,11 @@ pub fn reject(
             let lf = unsafe { lf.as_mut() };
             let time = lf.now_text();
             // SAFETY: the live request; the record is written before it ends.
-            let request_id = unsafe { request_id(r) };
+            let request_id = unsafe { crate::cycle_main_conf() }
+                // SAFETY: as above, with this cycle's index.
+                .and_then(|mcf| unsafe {
+                    http::request_id(ptr::from_mut(r), mcf.request_id_index)
+                });
             let uri = String::from_utf8_lossy(r.uri.as_bytes());
             let rec = RejectRecord {
                 time: time.as_str(),
@@ -423,23 +396,8 @@ pub fn reject(
     status
 }
 
-/// `$request_id` of a request, borrowed from the request pool where nginx keeps the value.
-///
-/// # Safety
-/// `r` must be a live request; the text lives as long as its pool, which callers must not
-/// outlive (a tunnel is dropped by a cleanup of that pool, before its memory is freed).
-pub unsafe fn request_id<'a>(r: *mut ngx_http_request_t) -> Option<&'a str> {
-    // SAFETY: in nginx's thread.
-    let mcf = unsafe { crate::cycle_main_conf() }?;
-    let idx = ngx_uint_t::try_from(mcf.request_id_index).ok()?;
-    // SAFETY: the index was obtained at configuration time for this cycle; nginx returns null
-    // or a value in the request pool.
-    let v = unsafe { ngx_http_get_indexed_variable(r, idx).as_ref()? };
-    if v.not_found() != 0 {
-        return None;
-    }
-    // SAFETY: a found value has `len` bytes at `data`, in the request pool.
-    let b = unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) };
-    // nginx's $request_id is 32 hex digits.
-    core::str::from_utf8(b).ok()
+/// The request's connection log, for error lines.
+fn log_of(r: &ngx_http_request_t) -> *mut ngx::ffi::ngx_log_t {
+    // SAFETY: a live request's connection is live.
+    unsafe { (*r.connection).log }
 }

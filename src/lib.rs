@@ -18,7 +18,11 @@ pub mod status;
 #[cfg(not(test))]
 pub mod conf;
 #[cfg(not(test))]
+mod drain;
+#[cfg(not(test))]
 pub mod gate;
+#[cfg(not(test))]
+mod http;
 #[cfg(not(test))]
 pub mod log;
 #[cfg(not(test))]
@@ -44,7 +48,7 @@ mod glue {
     use ngx::ngx_conf_log_error;
 
     use crate::conf::{self, LocConf, MainConf, NGX_HTTP_WS_COMMANDS};
-    use crate::{gate, tunnel, variables};
+    use crate::{drain, gate, tunnel, variables};
 
     struct Module;
 
@@ -157,8 +161,10 @@ mod glue {
     unsafe extern "C" fn ngx_http_ws_init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // SAFETY: nginx calls init_process with the worker's cycle.
         if let Some(mcf) = unsafe { cycle_main_conf() } {
-            // SAFETY: once per worker, with the cycle's log.
-            unsafe { tunnel::start_drain_watch(mcf, (*cycle).log) };
+            if mcf.drain_used {
+                // SAFETY: once per worker, with the cycle's log, which outlives the worker.
+                unsafe { drain::start_watch((*cycle).log) };
+            }
         }
         Status::NGX_OK.into()
     }
@@ -198,15 +204,17 @@ mod glue {
     ///
     /// # Safety
     /// Must be called from nginx's thread, with `ngx_cycle` set.
-    pub unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
+    pub unsafe fn cycle_main_conf() -> Option<&'static MainConf> {
         // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
         let cycle = unsafe { ngx_cycle.as_ref()? };
-        // SAFETY: the http main conf of this module is a MainConf.
+        // SAFETY: the http main conf of this module is a MainConf. Configuration is only read
+        // once the cycle runs (what changes at run time lives elsewhere: crate::drain), so
+        // shared references to it never alias a mutable one.
         unsafe {
             Some(
                 cycle
                     .http_main_conf_unchecked::<MainConf>(module())?
-                    .as_mut(),
+                    .as_ref(),
             )
         }
     }

@@ -440,24 +440,88 @@ pub enum RequestError {
     Version,
 }
 
+// --- what an upgrade asks for -----------------------------------------------------------------
+
+/// What a request's `Upgrade` header fields (all of them, however many) ask for.
+///
+/// nginx tunnels any request with an `Upgrade` field once the upstream answers 101, whatever
+/// the field says; so every such request is an upgrade attempt for the module's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// No `Upgrade` field: a plain HTTP request.
+    None,
+    /// Every token names `websocket`.
+    WebSocket,
+    /// `websocket` among other protocols (`h2c, websocket`, or two fields).
+    Mixed,
+    /// Fields, but no token names `websocket` (another protocol, or empty).
+    Other,
+}
+
+/// Whether an `Upgrade` token (`protocol-name["/" protocol-version]`, RFC 9110 7.8) names
+/// WebSocket.
+fn names_websocket(token: &[u8]) -> bool {
+    let name = token.split(|&b| b == b'/').next().unwrap_or_default();
+    name.trim_ascii().eq_ignore_ascii_case(b"websocket")
+}
+
+/// Classifies the values of every `Upgrade` field of a request.
+pub fn upgrade_offer(values: &[&[u8]]) -> Upgrade {
+    if values.is_empty() {
+        return Upgrade::None;
+    }
+    let tokens = tokens(values);
+    let ws = tokens.iter().filter(|t| names_websocket(t)).count();
+    match ws {
+        0 => Upgrade::Other,
+        n if n == tokens.len() => Upgrade::WebSocket,
+        _ => Upgrade::Mixed,
+    }
+}
+
+/// Whether a 101 answering an upgrade attempt starts a WebSocket tunnel: the upstream's
+/// `Upgrade` fields name `websocket`, or it sent `Sec-WebSocket-Accept`, or, naming nothing,
+/// it did not say it switched to another protocol. Only a 101 that names another protocol
+/// and carries no `Sec-WebSocket-Accept` is another protocol's tunnel.
+pub fn switched_to_websocket(upgrade: &[&[u8]], accept: bool) -> bool {
+    accept || upgrade_offer(upgrade) != Upgrade::Other
+}
+
 /// The parts of an upgrade request that RFC 6455 4.2.1 constrains.
 #[derive(Debug, Clone, Copy)]
 pub struct UpgradeRequest<'a> {
     pub get: bool,
     /// HTTP/1.1 or later.
     pub http11: bool,
+    /// HTTP/2 or HTTP/3: nginx has no WebSocket tunnel there (RFC 8441 is not supported).
+    pub http2: bool,
+    pub upgrade: Upgrade,
     pub connection: &'a [&'a [u8]],
     pub key: &'a [&'a [u8]],
     pub version: &'a [&'a [u8]],
 }
 
-/// Checks an upgrade request (one whose `Upgrade` names `websocket`) against RFC 6455 4.2.1.
+/// Checks an upgrade request (one with an `Upgrade` field) against RFC 6455 4.2.1.
 pub fn check_request(r: &UpgradeRequest<'_>) -> Result<(), RequestError> {
     if !r.get {
         return Err(RequestError::Bad("method is not GET"));
     }
     if !r.http11 {
         return Err(RequestError::Bad("HTTP version is below 1.1"));
+    }
+    if r.http2 {
+        return Err(RequestError::Bad("upgrade over HTTP/2 or HTTP/3"));
+    }
+    match r.upgrade {
+        Upgrade::WebSocket => {}
+        Upgrade::Mixed => {
+            return Err(RequestError::Bad(
+                "\"Upgrade\" offers other protocols besides \"websocket\"",
+            ))
+        }
+        Upgrade::None | Upgrade::Other => {
+            return Err(RequestError::Bad("\"Upgrade\" lacks \"websocket\""))
+        }
     }
     if !has_token(r.connection, b"upgrade") {
         return Err(RequestError::Bad("\"Connection\" lacks \"upgrade\""));
@@ -803,6 +867,8 @@ mod tests {
         UpgradeRequest {
             get: true,
             http11: true,
+            http2: false,
+            upgrade: Upgrade::WebSocket,
             connection,
             key,
             version,
@@ -825,6 +891,10 @@ mod tests {
             Err(RequestError::Bad(_))
         ));
         let bad = |r: UpgradeRequest<'_>| matches!(check_request(&r), Err(RequestError::Bad(_)));
+        assert!(bad(UpgradeRequest { http2: true, ..ok }));
+        for upgrade in [Upgrade::Mixed, Upgrade::Other, Upgrade::None] {
+            assert!(bad(UpgradeRequest { upgrade, ..ok }), "{upgrade:?}");
+        }
         assert!(bad(req(&[], &[KEY], &[b"13"])));
         assert!(bad(req(&[b"close"], &[KEY], &[b"13"])));
         assert!(bad(req(&[b"upgrade"], &[], &[b"13"])));
@@ -909,5 +979,32 @@ mod tests {
             ..good
         })
         .is_err());
+    }
+
+    #[test]
+    fn upgrade_offers() {
+        assert_eq!(upgrade_offer(&[]), Upgrade::None);
+        assert_eq!(upgrade_offer(&[b"websocket"]), Upgrade::WebSocket);
+        assert_eq!(upgrade_offer(&[b" WebSocket "]), Upgrade::WebSocket);
+        assert_eq!(upgrade_offer(&[b"websocket/13"]), Upgrade::WebSocket);
+        // Every field counts, not only the first.
+        assert_eq!(upgrade_offer(&[b"h2c", b"websocket"]), Upgrade::Mixed);
+        assert_eq!(upgrade_offer(&[b"h2c, websocket"]), Upgrade::Mixed);
+        assert_eq!(
+            upgrade_offer(&[b"websocket", b"websocket"]),
+            Upgrade::WebSocket
+        );
+        assert_eq!(upgrade_offer(&[b"h2c"]), Upgrade::Other);
+        assert_eq!(upgrade_offer(&[b"websocketx"]), Upgrade::Other);
+        assert_eq!(upgrade_offer(&[b""]), Upgrade::Other);
+    }
+
+    #[test]
+    fn what_a_101_switched_to() {
+        assert!(switched_to_websocket(&[b"websocket"], false));
+        assert!(switched_to_websocket(&[], false));
+        assert!(switched_to_websocket(&[b"foo"], true));
+        assert!(switched_to_websocket(&[b"foo", b"websocket"], false));
+        assert!(!switched_to_websocket(&[b"foo"], false));
     }
 }

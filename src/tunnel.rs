@@ -10,23 +10,22 @@
 use core::ffi::c_void;
 use core::mem::{align_of, size_of};
 use core::ptr::{self, NonNull};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use ngx::ffi::{
     ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
-    ngx_event_t, ngx_exiting, ngx_http_finalize_request, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_int_t, ngx_msec_t, ngx_pmemalign, ngx_pool_cleanup_add,
-    ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, ngx_str_t,
-    ngx_table_elt_t, sockaddr, socklen_t, NGX_AGAIN, NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT,
-    NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_UPSTREAM_CREATE,
-    NGX_HTTP_VERSION_20, NGX_LOG_INFO,
+    ngx_event_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_pmemalign, ngx_pool_cleanup_add,
+    ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, NGX_AGAIN,
+    NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
+    NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
 };
 use ngx::http::Request;
+
 use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
 use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
+use crate::http::{addr_text, find_header, non_empty};
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
@@ -160,71 +159,6 @@ impl Tick {
     }
 }
 
-/// This worker's tunnels that drain at shutdown, and the timer that watches for it.
-pub struct DrainList {
-    tunnels: Vec<NonNull<Tunnel>>,
-    watcher: ngx_event_t,
-    started: bool,
-}
-
-impl Default for DrainList {
-    fn default() -> Self {
-        DrainList {
-            tunnels: Vec::new(),
-            // SAFETY: ngx_event_t is a plain C struct; all-zero is its initial state.
-            watcher: unsafe { core::mem::zeroed() },
-            started: false,
-        }
-    }
-}
-
-impl core::fmt::Debug for DrainList {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("DrainList")
-            .field("tunnels", &self.tunnels.len())
-            .finish()
-    }
-}
-
-/// How often a worker checks whether its graceful shutdown has begun (only with `ws_drain`).
-const DRAIN_WATCH_MSEC: ngx_msec_t = 200;
-
-/// Starts the shutdown watcher in a worker (init_process), when some scope uses `ws_drain`.
-///
-/// # Safety
-/// Called once per worker from nginx's init_process with the cycle's main conf.
-pub unsafe fn start_drain_watch(mcf: &mut crate::conf::MainConf, log: *mut ngx::ffi::ngx_log_t) {
-    if !mcf.drain_used {
-        return;
-    }
-    let data = ptr::addr_of_mut!(mcf.drain).cast();
-    let w = &mut mcf.drain.watcher;
-    w.handler = Some(drain_watch_handler);
-    w.data = data;
-    w.log = log;
-    w.set_cancelable(1);
-    // SAFETY: the watcher lives in the cycle's configuration memory for the worker's life.
-    unsafe { ngx_add_timer(w, DRAIN_WATCH_MSEC) };
-}
-
-unsafe extern "C" fn drain_watch_handler(ev: *mut ngx_event_t) {
-    // SAFETY: data was set to the DrainList in start_drain_watch.
-    let list = unsafe { &mut *(*ev).data.cast::<DrainList>() };
-    // SAFETY: nginx's flag, read in its own thread.
-    if unsafe { ngx_exiting } == 0 {
-        // SAFETY: re-arming the watcher event.
-        unsafe { ngx_add_timer(ev, DRAIN_WATCH_MSEC) };
-        return;
-    }
-    list.started = true;
-    let now = now_msec();
-    for t in list.tunnels.clone() {
-        // SAFETY: tunnels remove themselves from the list when they end.
-        let t = unsafe { &mut *t.as_ptr() };
-        t.schedule_drain(now);
-    }
-}
-
 /// Quick test, before the header goes on: could this response become a tracked tunnel?
 ///
 /// # Safety
@@ -238,8 +172,7 @@ pub unsafe fn wants_tunnel(r: *mut ngx_http_request_t) -> bool {
     {
         return false;
     }
-    // SAFETY: a live request is a valid ngx::http::Request.
-    let request = unsafe { Request::from_ngx_http_request(r) };
+    let request = crate::http::request(req);
     crate::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
         || crate::main_conf(request).is_some_and(|m| m.status.enabled())
 }
@@ -249,17 +182,17 @@ pub unsafe fn wants_tunnel(r: *mut ngx_http_request_t) -> bool {
 /// # Safety
 /// `r` must be a live request whose 101 header was just passed down the filter chain.
 pub unsafe fn attach(r: *mut ngx_http_request_t) {
-    // SAFETY: per the contract.
-    let request = unsafe { Request::from_ngx_http_request(r) };
-    // SAFETY: per the contract.
-    let req = unsafe { &mut *r };
-    // SAFETY: checked non-null by wants_tunnel; the upstream lives as long as the request.
+    // SAFETY: per the contract. Only read through this reference; what attach writes it
+    // writes into the upstream and the connections, never into the request itself.
+    let req = unsafe { &*r };
+    let request = crate::http::request(req);
+    // SAFETY: checked non-null by wants_tunnel; the upstream lives as long as the request and
+    // nothing else refers to it while the header filter runs.
     let u = unsafe { &mut *req.upstream };
     if u.upgrade() == 0
         || req.http_version >= NGX_HTTP_VERSION_20 as usize
         || u.peer.connection.is_null()
-        // SAFETY: header entries live in the request pool.
-        || !unsafe { header_has_token(req.headers_in.upgrade, b"websocket") }
+        || !crate::http::is_websocket_101(req)
     {
         return;
     }
@@ -275,10 +208,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         payload: lcf.payload,
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
     };
-    // SAFETY: the live request; the tunnel is dropped by a cleanup of its pool, before the
-    // pool's memory (which holds the value) is freed.
-    let request_id = unsafe { crate::gate::request_id(r) };
-
+    // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
+    // cleanup of its pool, before the pool's memory (which holds the value) is freed.
+    let request_id = mcf.and_then(|m| unsafe { crate::http::request_id(r, m.request_id_index) });
     let client_conn = req.connection;
     let upstream_conn = u.peer.connection;
     // SAFETY: both connections are live for the request's lifetime.
@@ -383,13 +315,15 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     // SAFETY: just allocated, owned by the request pool, at its final address.
     let t = unsafe { &mut *t };
-    if let Some(m) = mcf.as_deref().filter(|m| m.status.enabled()) {
-        // Labels: the ws_route rule ("" without routing); the upstream{} name, else the
-        // peer's address.
-        let (upstream, upstream_name) = upstream_texts(u);
-        // SAFETY: the request is live.
-        let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
-        let label = routed.or(upstream_name).or(upstream).unwrap_or_default();
+    if let Some(m) = mcf.filter(|m| m.status.enabled()) {
+        // Labels come from configuration only, so that clients cannot choose them: the
+        // ws_route rule ("" without routing); the ws_route upstream, else the upstream{} (or
+        // proxy_pass host) nginx picked, else, for a variable address, a placeholder.
+        // SAFETY: the request is live, of this cycle.
+        let (route, routed) = unsafe { crate::gate::chosen(r, m) }.unzip();
+        let label = routed
+            .or_else(|| upstream_label(u))
+            .unwrap_or_else(|| VARIABLE_UPSTREAM.to_string());
         t.rec.stats = status::slot_for(m, route.as_deref().unwrap_or(""), &label, log);
         if let Some(s) = t.rec.stats {
             s.entry().opened();
@@ -398,12 +332,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     t.passive = !proxy_writes && !t.rec.wants_events();
     if t.timers.drain > 0 {
-        if let Some(m) = mcf {
-            t.drain_index = Some(m.drain.tunnels.len());
-            m.drain.tunnels.push(tp);
-            if m.drain.started {
-                t.schedule_drain(now);
-            }
+        let (index, started) = crate::drain::join(tp);
+        t.drain_index = Some(index);
+        if started {
+            t.drain_soon(now);
         }
     }
     t.arm(now);
@@ -414,8 +346,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // SAFETY: the connection's address fields are set for accepted connections.
         let client = unsafe { addr_text((*client_conn).sockaddr, (*client_conn).socklen) };
         let (upstream, upstream_name) = upstream_texts(u);
-        // SAFETY: the request is live.
-        let (route, routed) = unsafe { crate::gate::chosen(r) }.unzip();
+        // SAFETY: the request is live, of this cycle.
+        let (route, routed) = mcf
+            .and_then(|m| unsafe { crate::gate::chosen(r, m) })
+            .unzip();
         let upstream_name = routed.or(upstream_name);
         let time = lf.now_text();
         let rec = OpenRecord {
@@ -487,6 +421,26 @@ fn upstream_texts(u: &ngx::ffi::ngx_http_upstream_t) -> (Option<String>, Option<
     (upstream, upstream_name)
 }
 
+/// The `upstream` label of a tunnel when `proxy_pass` names an address held in variables that
+/// matches no `upstream {}` block: a client could otherwise choose label values.
+const VARIABLE_UPSTREAM: &str = "(variable)";
+
+/// The metrics label for the upstream nginx picked, from configuration only: the
+/// `upstream {}` block's name, or the `proxy_pass` host (with its port) for an address written
+/// in the configuration. `None` when the address came from variables and matched no block.
+fn upstream_label(u: &ngx::ffi::ngx_http_upstream_t) -> Option<String> {
+    // SAFETY: u->upstream is null or the upstream configuration nginx chose.
+    let us = unsafe { u.upstream.as_ref() }?;
+    let host = non_empty(&us.host)?;
+    if us.flags & NGX_HTTP_UPSTREAM_CREATE as usize != 0 || us.port == 0 {
+        Some(host)
+    } else if host.contains(':') && !host.starts_with('[') {
+        Some(format!("[{host}]:{}", us.port))
+    } else {
+        Some(format!("{host}:{}", us.port))
+    }
+}
+
 fn now_msec() -> ngx_msec_t {
     // SAFETY: nginx's cached clock, updated by the event loop in this thread.
     unsafe { ngx_current_msec }
@@ -511,65 +465,6 @@ fn rsv_allowed(extensions: Option<&str>) -> u8 {
         4
     } else {
         7
-    }
-}
-
-fn non_empty(s: &ngx_str_t) -> Option<String> {
-    if s.len == 0 || s.data.is_null() {
-        None
-    } else {
-        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-    }
-}
-
-/// Whether a comma-separated header value contains `token` (case-insensitive).
-///
-/// # Safety
-/// `h` must be null or a valid header entry.
-unsafe fn header_has_token(h: *mut ngx_table_elt_t, token: &[u8]) -> bool {
-    // SAFETY: per the contract.
-    let Some(h) = (unsafe { h.as_ref() }) else {
-        return false;
-    };
-    h.value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-/// The value of the first header called `name` (lowercase) in a headers list.
-fn find_header(list: &ngx::ffi::ngx_list_t, name: &[u8]) -> Option<String> {
-    // SAFETY: the list is a request's headers list, of ngx_table_elt_t in the request pool.
-    for (key, value) in unsafe { ngx::http::list_iterator(list) } {
-        if key.as_bytes().eq_ignore_ascii_case(name) {
-            return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
-        }
-    }
-    None
-}
-
-/// `address:port` of a socket address (`[v6]:port` for IPv6).
-fn addr_text(sa: *mut sockaddr, len: socklen_t) -> Option<String> {
-    if sa.is_null() {
-        return None;
-    }
-    // SAFETY: nginx's sockaddr pointers are valid for `len` bytes; the family says which type.
-    unsafe {
-        match i32::from((*sa).sa_family) {
-            libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-                let s = &*sa.cast::<libc::sockaddr_in>();
-                let ip = Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr));
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(s.sin_port))).to_string())
-            }
-            libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-                let s = &*sa.cast::<libc::sockaddr_in6>();
-                let ip = Ipv6Addr::from(s.sin6_addr.s6_addr);
-                let a = SocketAddrV6::new(ip, u16::from_be(s.sin6_port), 0, s.sin6_scope_id);
-                Some(SocketAddr::V6(a).to_string())
-            }
-            libc::AF_UNIX => Some("unix:".to_string()),
-            _ => None,
-        }
     }
 }
 
@@ -719,8 +614,42 @@ unsafe extern "C" fn ngx_http_ws_finalize(r: *mut ngx_http_request_t, rc: ngx_in
 /// The tunnel's timer: idle, lifetime, ping, drain, close handshake.
 unsafe extern "C" fn ngx_http_ws_tick(ev: *mut ngx_event_t) {
     // SAFETY: data was set to the tunnel, which deletes this event before it is freed.
-    let t = unsafe { &mut *(*ev).data.cast::<Tunnel>() };
-    t.on_tick();
+    let t = unsafe { (*ev).data.cast::<Tunnel>() };
+    // SAFETY: the tunnel is live (above); no other reference to it exists while a timer
+    // handler runs, and this one ends with the call, before the tunnel may be freed.
+    if unsafe { (*t).on_tick() } {
+        // SAFETY: the tunnel is live and not borrowed.
+        unsafe { end_tunnel(t) };
+    }
+}
+
+/// Ends a tunnel from its timer, the way nginx's own shutdown timer ends a connection
+/// (`ngx_shutdown_timer_handler`): the client connection is marked to close and its read
+/// handler, `ngx_http_request_handler`, terminates the request. Termination runs the request's
+/// cleanups (the upstream's, which calls our finalizer: `finish` writes the close record) and
+/// closes it, with the access log written while the module context is intact. Finalizing
+/// with `NGX_ERROR` instead would first run `post_action`, whose internal redirect wipes the
+/// module context while the wrappers are installed: no close record, empty `$ws_*`.
+///
+/// # Safety
+/// `t` must be a live tunnel that nothing borrows; it may be freed when this returns.
+unsafe fn end_tunnel(t: *mut Tunnel) {
+    // SAFETY: per the contract; the request is live while its tunnel (its context) is.
+    let c = unsafe {
+        if (*t).ending {
+            return;
+        }
+        (*t).ending = true;
+        (*(*t).r).connection
+    };
+    // SAFETY: the live client connection of the request; its read event handler is nginx's
+    // request handler, which checks `close` first.
+    unsafe {
+        (*c).set_close(1);
+        if let Some(handler) = (*(*c).read).handler {
+            handler((*c).read);
+        }
+    }
 }
 
 impl Recorder {
@@ -992,7 +921,16 @@ impl Tunnel {
             && self.to_upstream.obs.close_sent
     }
 
-    fn schedule_drain(&mut self, now: ngx_msec_t) {
+    /// The worker begins to shut down: schedules the tunnel's drain (`crate::drain`).
+    ///
+    /// # Safety
+    /// `t` must be a live tunnel that nothing borrows.
+    pub(crate) unsafe fn schedule_drain(t: *mut Tunnel, now: ngx_msec_t) {
+        // SAFETY: per the contract.
+        unsafe { (*t).drain_soon(now) };
+    }
+
+    fn drain_soon(&mut self, now: ngx_msec_t) {
         if self.drain_at.is_some() || self.timers.drain == 0 {
             return;
         }
@@ -1039,9 +977,11 @@ impl Tunnel {
         unsafe { ngx_add_timer(ev, delay) };
     }
 
-    fn on_tick(&mut self) {
+    /// The timer fired: acts on what is due. Returns whether the tunnel must end now (the
+    /// caller ends it once this borrow is over: ending may free the tunnel).
+    fn on_tick(&mut self) -> bool {
         if self.ending || self.outcome.is_some() {
-            return;
+            return false;
         }
         let now = now_msec();
         if let Some(c) = self.closing {
@@ -1049,12 +989,11 @@ impl Tunnel {
                 if !self.handshake_done() {
                     self.log_unanswered();
                 }
-                self.end_tunnel();
-                return;
+                return true;
             }
             self.flush_own();
             self.arm(now);
-            return;
+            return false;
         }
         let t = self.timers;
         if t.lifetime > 0 && now.wrapping_sub(self.start) >= t.lifetime {
@@ -1074,10 +1013,8 @@ impl Tunnel {
                 _ => {}
             }
         }
-        if self.ending {
-            return;
-        }
         self.arm(now);
+        false
     }
 
     fn send_ping(&mut self, now: ngx_msec_t) {
@@ -1201,26 +1138,6 @@ impl Tunnel {
         );
     }
 
-    /// Ends the tunnel through nginx's own request finalization.
-    fn end_tunnel(&mut self) {
-        if self.ending {
-            return;
-        }
-        self.ending = true;
-        let r = self.r;
-        // SAFETY: the request is live (the tunnel is its context); this is what nginx does for
-        // a request whose connection must close (ngx_http_request_handler with c->close): keep
-        // the request alive across termination, then run what termination posted.
-        unsafe {
-            let c = (*r).connection;
-            let main = &mut *(*r).main;
-            main.set_count(main.count() + 1);
-            ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
-            ngx_http_run_posted_requests(c);
-        }
-        // `self` may be freed now.
-    }
-
     /// The tunnel ends: decide why, restore nginx's pointers, write the close record.
     ///
     /// # Safety
@@ -1336,17 +1253,9 @@ impl Tunnel {
         let Some(i) = self.drain_index.take() else {
             return;
         };
-        // SAFETY: nginx's thread; the cycle's main conf holds the list this tunnel joined.
-        let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
-            return;
-        };
-        let list = &mut mcf.drain.tunnels;
-        if i < list.len() && ptr::eq(list[i].as_ptr(), self) {
-            list.swap_remove(i);
-            if let Some(moved) = list.get(i) {
-                // SAFETY: tunnels in the list are live.
-                unsafe { (*moved.as_ptr()).drain_index = Some(i) };
-            }
+        if let Some(moved) = crate::drain::leave(i, self) {
+            // SAFETY: tunnels in the list are live, and another tunnel than this one.
+            unsafe { (*moved.as_ptr()).drain_index = Some(i) };
         }
     }
 
@@ -1387,6 +1296,28 @@ fn side(d: &Direction) -> SideRecord<'_> {
 }
 
 /// The tunnel of a request, if it was one.
+///
+/// The module context is the usual way; an internal redirect (`post_action` runs one when the
+/// tunnel ends) clears every module context, so the tunnel is then found by the pool cleanup
+/// that drops it, which lives as long as the request.
 pub fn of_request(r: &Request) -> Option<&Tunnel> {
-    r.get_module_ctx::<Tunnel>(crate::module())
+    if let Some(t) = r.get_module_ctx::<Tunnel>(crate::module()) {
+        return Some(t);
+    }
+    // SAFETY: the request pool's cleanup list holds valid entries until the pool is destroyed,
+    // and an entry whose handler is drop_tunnel has the live tunnel as its data.
+    unsafe {
+        let mut cln = (*r.as_ref().pool).cleanup;
+        while let Some(c) = cln.as_ref() {
+            if c.handler
+                .is_some_and(|h| ptr::fn_addr_eq(h, drop_tunnel as CleanupFn))
+            {
+                return c.data.cast::<Tunnel>().as_ref();
+            }
+            cln = c.next;
+        }
+    }
+    None
 }
+
+type CleanupFn = unsafe extern "C" fn(*mut c_void);

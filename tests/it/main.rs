@@ -8,6 +8,7 @@ mod logfile;
 mod metrics;
 mod policy;
 mod route;
+mod security;
 mod timeouts;
 mod tls;
 mod tunnel;

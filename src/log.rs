@@ -4,6 +4,13 @@
 //! `nginx -s reopen`, flushed by nginx before a reopen and at worker exit through the `flush`
 //! callback. Buffering follows `access_log buffer= flush=`. A failed write never reaches the
 //! tunnel: the records are dropped, counted, and an error is logged at most once a second.
+//!
+//! Pipes and sockets (`/dev/stdout` in a container, a FIFO, a log collector) are written in
+//! non-blocking mode, so that a slow reader never stalls the worker. A write into a full pipe
+//! may then be short: what did not go out is kept (up to [`CARRY_MAX`] bytes) and written
+//! before anything else, at the next write or from a retry timer. A line is never left torn:
+//! when records must be dropped, the tail of a partly written line is still kept and completed
+//! first, so the next record starts on a line of its own.
 
 use core::ptr::{self, NonNull};
 
@@ -13,6 +20,15 @@ use ngx::ffi::{
 };
 
 use crate::record::{Line, TimeText};
+
+/// Most bytes kept back for a file whose last write was short: beyond that, whole records are
+/// dropped (counted) until the reader catches up.
+pub const CARRY_MAX: usize = 64 * 1024;
+/// While bytes are kept back, they are retried this often.
+const RETRY_MSEC: ngx_msec_t = 50;
+/// Attempts at one write before the rest is kept back: a write that made progress is retried
+/// at once, as a signal or a full pipe may cut it short.
+const WRITE_TRIES: usize = 4;
 
 /// One `ws_log` file, shared by every scope that names the same path.
 pub struct LogFile {
@@ -32,6 +48,15 @@ pub struct LogFile {
     last_error: time_t,
     /// The last record time formatted, and the clock reading it is for.
     clock: Option<(time_t, ngx_msec_t, TimeText)>,
+    /// Bytes accepted but not yet written after a short write, whole lines but for the first,
+    /// which may be the tail of a line already partly written.
+    carry: Vec<u8>,
+    /// `carry` starts with the tail of a line partly written.
+    carry_torn: bool,
+    /// The descriptor `carry` is for (a reopen starts a new file: a tail is then dropped).
+    carry_fd: i32,
+    /// The descriptor last checked for non-blocking mode.
+    checked_fd: i32,
 }
 
 impl LogFile {
@@ -59,6 +84,10 @@ impl LogFile {
             dropped: 0,
             last_error: 0,
             clock: None,
+            carry: Vec::new(),
+            carry_torn: false,
+            carry_fd: -1,
+            checked_fd: -1,
         }
     }
 
@@ -185,54 +214,190 @@ impl LogFile {
         self.pending = 0;
     }
 
-    /// Writes out whatever is buffered.
+    /// Writes out whatever is buffered (and what an earlier short write kept back).
     pub fn flush_buffer(&mut self) {
         self.write_out_buffered(self.buf.len());
         self.buf.clear();
+        self.drain_carry();
     }
 
+    /// Writes `data`, which holds `records` whole lines, after what was kept back.
     fn write_out(&mut self, data: &[u8], records: u64) {
         // SAFETY: `file` lives as long as the cycle; its fd is nginx's current descriptor.
         let fd = unsafe { (*self.file).fd };
-        // SAFETY: writing `data.len()` initialized bytes to a descriptor.
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if n >= 0 && n as usize == data.len() {
+        self.check_nonblocking(fd);
+        if !self.drain_carry() {
+            // Still blocked: whole records queue behind what is kept back, if there is room.
+            if self.carry.len() + data.len() <= CARRY_MAX {
+                self.carry.extend_from_slice(data);
+            } else {
+                self.lost(records, None);
+            }
             return;
         }
-        let err = std::io::Error::last_os_error();
-        let written = usize::try_from(n).unwrap_or(0);
-        // Records whose line was written whole survive; the rest are lost.
-        let whole = data[..written].iter().filter(|&&b| b == b'\n').count() as u64;
-        let lost = records.saturating_sub(whole);
-        self.dropped += lost;
-        crate::status::count_log_dropped(lost);
+        let (written, err) = write_fd(fd, data);
+        if written < data.len() {
+            let torn = written > 0 && data[written - 1] != b'\n';
+            self.keep(fd, &data[written..], torn, err);
+        }
+    }
+
+    /// Deals with what a write left (`rest`, whole lines but for the first when `torn`, the
+    /// tail of a line partly written): everything is kept when the write would only have
+    /// blocked and there is room; else the torn tail alone is kept (without it the next
+    /// record would continue the torn line) and the whole lines are dropped and counted.
+    fn keep(&mut self, fd: i32, rest: &[u8], torn: bool, err: Option<std::io::Error>) {
+        debug_assert!(self.carry.is_empty());
+        let lines = rest.iter().filter(|&&b| b == b'\n').count() as u64;
+        let blocked = err
+            .as_ref()
+            .is_none_or(|e| e.kind() == std::io::ErrorKind::WouldBlock);
+        if blocked && rest.len() <= CARRY_MAX {
+            self.carry.extend_from_slice(rest);
+        } else if torn {
+            let tail = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |p| p + 1);
+            self.carry.extend_from_slice(&rest[..tail]);
+            self.lost(lines.saturating_sub(1), err);
+        } else {
+            self.lost(lines, err);
+        }
+        self.carry_torn = torn && !self.carry.is_empty();
+        if !self.carry.is_empty() {
+            self.carry_fd = fd;
+            if self.event.timer_set() == 0 {
+                // SAFETY: the event is pinned with self and handled by flush_handler, which
+                // writes what is kept back.
+                unsafe { ngx_add_timer(&mut self.event, RETRY_MSEC) };
+            }
+        }
+    }
+
+    /// Writes what an earlier short write kept back. Returns whether nothing is left.
+    fn drain_carry(&mut self) -> bool {
+        if self.carry.is_empty() {
+            return true;
+        }
+        // SAFETY: as in write_out.
+        let fd = unsafe { (*self.file).fd };
+        let mut carry = core::mem::take(&mut self.carry);
+        let mut start = 0;
+        if fd != self.carry_fd && self.carry_torn {
+            // Reopened since: the torn line's tail would start the new file with a fragment.
+            start = carry
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(carry.len(), |p| p + 1);
+            self.lost(1, None);
+        }
+        let (written, err) = write_fd(fd, &carry[start..]);
+        let end = start + written;
+        if end < carry.len() {
+            let torn = if written > 0 {
+                carry[end - 1] != b'\n'
+            } else {
+                self.carry_torn && start == 0
+            };
+            self.keep(fd, &carry[end..], torn, err);
+        } else {
+            self.carry_torn = false;
+        }
+        if self.carry.is_empty() {
+            // Keep the allocation for the next time.
+            carry.clear();
+            self.carry = carry;
+            return true;
+        }
+        false
+    }
+
+    /// Puts a pipe or socket into non-blocking mode, once per descriptor (a reopen brings a
+    /// new one). Regular files are left alone: their writes do not wait for a reader.
+    fn check_nonblocking(&mut self, fd: i32) {
+        if fd == self.checked_fd {
+            return;
+        }
+        self.checked_fd = fd;
+        // SAFETY: fstat and fcntl on nginx's open descriptor, with a zeroed stat buffer.
+        unsafe {
+            let mut st: libc::stat = core::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 {
+                return;
+            }
+            let kind = st.st_mode & libc::S_IFMT;
+            if kind == libc::S_IFIFO || kind == libc::S_IFSOCK {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+                    libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+                }
+            }
+        }
+    }
+
+    /// `n` records are lost: counted, and said in the error log at most once a second.
+    fn lost(&mut self, n: u64, err: Option<std::io::Error>) {
+        if n == 0 {
+            return;
+        }
+        self.dropped += n;
+        crate::status::count_log_dropped(n);
         let now = ngx_time();
         if now == self.last_error {
             return;
         }
         self.last_error = now;
-        let msg = if n < 0 {
-            let code = err.raw_os_error().unwrap_or(0);
-            let text = err.to_string();
-            let text = text.split(" (os error").next().unwrap_or_default();
-            format!(
-                "ws: write() to \"{}\" failed ({code}: {text}), {} log records dropped so far",
+        let msg = match err.filter(|e| e.kind() != std::io::ErrorKind::WouldBlock) {
+            Some(err) => {
+                let code = err.raw_os_error().unwrap_or(0);
+                let text = err.to_string();
+                let text = text.split(" (os error").next().unwrap_or_default();
+                format!(
+                    "ws: write() to \"{}\" failed ({code}: {text}), {} log records dropped so far",
+                    self.name(),
+                    self.dropped
+                )
+            }
+            None => format!(
+                "ws: write() to \"{}\" was incomplete (the reader is slow or gone), {} log \
+                 records dropped so far",
                 self.name(),
                 self.dropped
-            )
-        } else {
-            format!(
-                "ws: write() to \"{}\" was incomplete: {} of {}, {} log records dropped so far",
-                self.name(),
-                n,
-                data.len(),
-                self.dropped
-            )
+            ),
         };
         let log = ngx::log::ngx_cycle_log().as_ptr();
         // SAFETY: the cycle log is valid in a running worker.
         unsafe { ngx::log::log_error(NGX_LOG_ALERT as _, log, 0, msg.as_bytes()) };
     }
+}
+
+/// Writes as much of `data` as the descriptor takes now: retried at once after a signal or a
+/// short write (up to [`WRITE_TRIES`] writes). Returns the bytes written and the error that
+/// stopped it (`None` when it stopped short without one, as a full pipe does).
+fn write_fd(fd: i32, data: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut off = 0;
+    for _ in 0..WRITE_TRIES {
+        if off == data.len() {
+            break;
+        }
+        let rest = &data[off..];
+        // SAFETY: writing `rest.len()` initialized bytes to a descriptor.
+        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+        if n > 0 {
+            off += n as usize;
+            continue;
+        }
+        if n == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return (off, Some(err));
+    }
+    (off, None)
 }
 
 type FlushFn = unsafe extern "C" fn(*mut ngx_open_file_t, *mut ngx_log_t);

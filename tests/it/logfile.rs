@@ -160,3 +160,163 @@ async fn full_buffer_writes_whole_records_in_order() {
     assert_eq!(of_event(&recs, "frame").len(), 82);
     assert_eq!(recs.last().unwrap()["event"], "close");
 }
+
+/// Reads a FIFO in a thread: nothing for `stall`, then `chunk` bytes every `pause` until the
+/// writer closes; returns everything read.
+fn fifo_reader(
+    path: std::path::PathBuf,
+    stall: Duration,
+    chunk: usize,
+    pause: Duration,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // Opening for reading waits for nginx's master to open the writing end.
+        let mut f = std::fs::File::open(&path).expect("open fifo");
+        std::thread::sleep(stall);
+        let mut out = Vec::new();
+        let mut b = vec![0u8; chunk];
+        loop {
+            match f.read(&mut b) {
+                Ok(0) | Err(_) => return out,
+                Ok(n) => out.extend_from_slice(&b[..n]),
+            }
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+/// Every line parses as one JSON record: no torn line continued by the next record.
+fn whole_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(bytes);
+    assert!(text.is_empty() || text.ends_with('\n'), "last line torn");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line ({e}): {l}")))
+        .collect()
+}
+
+/// A log into a pipe whose reader stalls, then reads slowly: the tunnel never waits for the
+/// log (records that do not fit are dropped and counted), and every line that arrives is a
+/// whole record, even though writes into a full pipe are short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_pipe_never_stalls_the_tunnel_nor_tears_lines() {
+    let echo = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("ws.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    let reader = fifo_reader(
+        fifo.clone(),
+        Duration::from_secs(4),
+        700,
+        Duration::from_millis(2),
+    );
+    let loc = format!(
+        "location / {{ ws_log {}; ws_log_events open frame message close; ws_log_payload 1000;\n\
+         {} }}",
+        fifo.display(),
+        proxy_to(echo.addr)
+    );
+    let ngx = Nginx::start(1, "", &loc);
+    let mut ws = connect(&ngx.url("/")).await;
+    // About 4.5 KB of records per exchange: the 64 KiB pipe fills after ~15.
+    let started = Instant::now();
+    for i in 0..200 {
+        ws.send(Message::Text(format!("{i:04}{}", "x".repeat(996))))
+            .await
+            .unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+        assert!(
+            matches!(echoed, Ok(Some(Ok(Message::Text(_))))),
+            "exchange {i}: the tunnel waited for the log ({:?} in)",
+            started.elapsed()
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the tunnel was held up by the stalled log: {:?}",
+        started.elapsed()
+    );
+    // The reader wakes up; what the proxy kept back reaches it, then the close record.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ngx.read("logs/error.log").contains("log records dropped") {
+        assert!(Instant::now() < deadline, "no drop logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(ngx); // nginx exits: the writing end closes and the reader ends.
+    let recs = whole_lines(&reader.join().unwrap());
+    assert_eq!(recs[0]["event"], "open");
+    assert_eq!(recs.last().unwrap()["event"], "close", "close record lost");
+    let frames = of_event(&recs, "frame").len();
+    assert!(frames > 20 && frames < 400, "{frames} frame records");
+}
+
+/// `ws_log /dev/stdout` with nginx in the foreground, its stdout a pipe read slowly (as in a
+/// container): every line is a whole record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
+    use std::process::{Command, Stdio};
+    let echo = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let port = free_port();
+    let conf = main_conf(
+        1,
+        &format!(
+            "server {{ listen 127.0.0.1:{port};\n\
+             location / {{ ws_log /dev/stdout; ws_log_events open frame close;\n\
+             ws_log_payload 2000; {} }} }}",
+            proxy_to(echo.addr)
+        ),
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let mut child = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut b = [0u8; 333];
+        loop {
+            match out.read(&mut b) {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => all.extend_from_slice(&b[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut ws = connect(&format!("ws://127.0.0.1:{port}/")).await;
+    for i in 0..100 {
+        ws.send(Message::Text(format!("{i:04}{}", "y".repeat(1996))))
+            .await
+            .unwrap();
+        ws.next().await.unwrap().unwrap();
+    }
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+    child.wait().unwrap();
+    let recs = whole_lines(&reader.join().unwrap());
+    assert_eq!(recs[0]["event"], "open");
+    assert_eq!(recs.last().unwrap()["event"], "close");
+}

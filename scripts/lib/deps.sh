@@ -52,8 +52,24 @@ MSG
     fi
 }
 
-# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server).
+# Debian's prometheus (server and promtool) for tests/it/prometheus.rs. On a machine running
+# systemd the package starts its service on :9090: a service we started only by installing the
+# package for the tests is stopped and disabled again.
+install_prometheus() {
+    [[ -x /usr/bin/prometheus && -x /usr/bin/promtool ]] && return 0
+    install_packages prometheus
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+        local sudo=()
+        ((EUID == 0)) || sudo=(sudo)
+        deps_say "stopping the prometheus service the package started (the tests run their own)"
+        "${sudo[@]}" systemctl disable --now prometheus.service || true
+    fi
+}
+
+# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server), and
+# Prometheus.
 install_test_deps() {
+    install_prometheus
     if ! command -v python3 >/dev/null; then
         install_packages python3 python3-pip
     fi

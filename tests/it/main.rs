@@ -7,6 +7,7 @@ mod harness;
 mod logfile;
 mod metrics;
 mod policy;
+mod prometheus;
 mod route;
 mod security;
 mod timeouts;

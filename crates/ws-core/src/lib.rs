@@ -9,6 +9,7 @@
 
 pub mod flow;
 pub mod frame;
+pub mod lifecycle;
 pub mod observe;
 pub mod record;
 pub mod route;

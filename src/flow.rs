@@ -458,8 +458,8 @@ impl Flow {
                 return Sent::Consumed(consumed);
             }
 
-            // Forward the peer's bytes, stopping at the frame end when an injection waits, but
-            // never retrying with fewer bytes than the write that returned "again".
+            // Forward the peer's bytes, stopping at the frame end when an injection waits or
+            // the next frame must be judged.
             let mut limit = rest.len();
             if self.wants_boundary() {
                 if let Some(left) = self.obs.until_known().or(judged) {
@@ -467,7 +467,15 @@ impl Flow {
                 }
             }
             if let Some(Src::Peer(min)) = self.retry {
-                limit = limit.max(min).min(rest.len());
+                // A write that returned "again" is retried with exactly its bytes: they were
+                // bounded when it was made (by a judged frame's end, which is not known here:
+                // the judging above was skipped). Bytes past them wait for their own boundary.
+                limit = if self.wants_boundary() {
+                    min
+                } else {
+                    limit.max(min)
+                };
+                limit = limit.min(rest.len());
             }
             match sink.write(&rest[..limit]) {
                 Write::Done(n) => {
@@ -1052,6 +1060,29 @@ mod tests {
             |_, _| {},
         );
         assert_eq!(f.violation, Some(Violation::Protocol));
+    }
+
+    #[test]
+    fn frames_after_a_blocked_write_are_still_judged() {
+        // One nginx buffer of 2000 bytes: a small frame, then an oversized one. The write of the
+        // small frame returns "again"; the retry must not carry the oversized frame out unjudged.
+        for masked in [true, false] {
+            let m = masked.then_some([1, 2, 3, 4]);
+            let mut s = build_frame(true, Opcode::Text, m, &[b'a'; 100], false);
+            let big = 2000 - s.len() - if masked { 8 } else { 4 };
+            s.extend(build_frame(true, Opcode::Binary, m, &vec![7u8; big], false));
+            assert_eq!(s.len(), 2000);
+            let mut f = policy_flow(Policy {
+                max_frame: 500,
+                expect_masked: masked,
+                ..Policy::default()
+            });
+            let mut c = Conn::new(vec![0, 1000]);
+            drive(&mut f, &mut c, &s, &[s.len()], |_, _| {});
+            let ops: Vec<Opcode> = frames_of(&c.out).iter().map(|o| o.0).collect();
+            assert_eq!(ops, [Opcode::Text, Opcode::Close], "masked {masked}");
+            assert_eq!(f.violation, Some(Violation::TooBig));
+        }
     }
 
     #[test]

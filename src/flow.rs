@@ -55,8 +55,9 @@ impl Policy {
         self.max_frame > 0 || self.max_message > 0 || self.protocol_check
     }
 
-    /// Judges a frame header against the policy, given the message in progress.
-    pub fn check(&self, h: &FrameHeader, msg: Option<(Opcode, u64)>) -> Option<Violation> {
+    /// Judges a frame header against the policy, given whether a message is in progress and
+    /// the size the frame adds to (see [`Direction::counted`]).
+    pub fn check(&self, h: &FrameHeader, in_message: bool, counted: u64) -> Option<Violation> {
         if self.protocol_check {
             let rsv = (u8::from(h.rsv1) << 2) | (u8::from(h.rsv2) << 1) | u8::from(h.rsv3);
             let allowed = match h.opcode {
@@ -66,9 +67,10 @@ impl Policy {
             let bad = rsv & !allowed != 0
                 || matches!(h.opcode, Opcode::Reserved(_))
                 || (h.opcode.is_control() && (h.len > 125 || !h.fin))
-                || (h.opcode == Opcode::Continuation && msg.is_none())
-                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && msg.is_some())
+                || (h.opcode == Opcode::Continuation && !in_message)
+                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && in_message)
                 || (h.opcode == Opcode::Close && h.len == 1)
+                || !h.length_encoding_valid()
                 || h.mask.is_some() != self.expect_masked;
             if bad {
                 return Some(Violation::Protocol);
@@ -77,14 +79,11 @@ impl Policy {
         if self.max_frame > 0 && h.len > self.max_frame {
             return Some(Violation::TooBig);
         }
-        if self.max_message > 0 && h.opcode.is_data() {
-            let before = match (h.opcode, msg) {
-                (Opcode::Continuation, Some((_, len))) => len,
-                _ => 0,
-            };
-            if before.saturating_add(h.len) > self.max_message {
-                return Some(Violation::TooBig);
-            }
+        if self.max_message > 0
+            && h.opcode.is_data()
+            && counted.saturating_add(h.len) > self.max_message
+        {
+            return Some(Violation::TooBig);
         }
         None
     }
@@ -582,7 +581,8 @@ impl Flow {
             Ok(h) => h,
             Err(need) => return Judge::NeedMore(need),
         };
-        if let Some(v) = self.policy.check(&h, self.obs.message_in_progress()) {
+        let in_message = self.obs.message_in_progress().is_some();
+        if let Some(v) = self.policy.check(&h, in_message, self.obs.counted(&h)) {
             return Judge::Violate(v);
         }
         let whole = u64::from(h.header_len).saturating_add(h.len);
@@ -681,7 +681,7 @@ enum Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::tests::build_frame;
+    use crate::frame::tests::{build_frame, header_with_ext};
     use crate::frame::{Event as FrameEvent, Parser};
     use proptest::prelude::*;
 
@@ -980,6 +980,78 @@ mod tests {
     }
 
     #[test]
+    fn message_limit_holds_for_broken_framing() {
+        // With ws_protocol_check off a lenient receiver may take any framing: none of it walks
+        // around a 100-byte message limit.
+        use Opcode::{Binary, Continuation as Cont, Text};
+        let m = Some([1, 2, 3, 4]);
+        let fr = |fin, op, n| build_frame(fin, op, m, &vec![b'a'; n], false);
+        let cases: Vec<(&str, Vec<Vec<u8>>, bool)> = vec![
+            (
+                "text interrupting an unfinished text",
+                vec![fr(false, Text, 60), fr(true, Text, 60)],
+                true,
+            ),
+            (
+                "binary interrupting a fragmented text",
+                vec![
+                    fr(false, Text, 30),
+                    fr(false, Cont, 30),
+                    fr(true, Binary, 41),
+                ],
+                true,
+            ),
+            (
+                "orphan continuations",
+                vec![fr(false, Cont, 60), fr(true, Cont, 60)],
+                true,
+            ),
+            (
+                "continuation after a finished message",
+                vec![fr(true, Text, 60), fr(true, Cont, 60)],
+                true,
+            ),
+            (
+                "finished messages, each within the limit",
+                vec![
+                    fr(true, Text, 100),
+                    fr(true, Binary, 100),
+                    fr(false, Text, 50),
+                    fr(true, Cont, 50),
+                ],
+                false,
+            ),
+            (
+                "a message after an orphan continuation counts from 0",
+                vec![fr(true, Cont, 60), fr(true, Text, 100)],
+                false,
+            ),
+        ];
+        for (name, frames, refused) in cases {
+            let s = frames.concat();
+            for reads in [vec![1], vec![s.len()]] {
+                let mut f = policy_flow(Policy {
+                    max_message: 100,
+                    expect_masked: true,
+                    ..Policy::default()
+                });
+                let mut c = Conn::new(vec![]);
+                drive(&mut f, &mut c, &s, &reads, |_, _| {});
+                if refused {
+                    assert_eq!(f.violation, Some(Violation::TooBig), "{name}");
+                    let fits = frames[..frames.len() - 1].concat();
+                    assert_eq!(&c.out[..fits.len()], &fits[..], "{name}");
+                    let out = frames_of(&c.out[fits.len()..]);
+                    assert_eq!(out.len(), 1, "{name}: only the Close follows");
+                    assert_eq!(out[0].0, Opcode::Close, "{name}");
+                } else {
+                    assert_eq!((f.violation, &c.out), (None, &s), "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn protocol_violations() {
         let check = Policy {
             protocol_check: true,
@@ -1026,6 +1098,20 @@ mod tests {
                 v.extend(build_frame(true, Opcode::Text, m, b"y", false));
                 v
             }),
+            ("16-bit length for 5 bytes", {
+                let mut v = header_with_ext(true, Opcode::Text, m, 5, 2);
+                v.extend_from_slice(b"hello");
+                v
+            }),
+            ("64-bit length for 200 bytes", {
+                let mut v = header_with_ext(true, Opcode::Binary, m, 200, 8);
+                v.extend_from_slice(&[0; 200]);
+                v
+            }),
+            (
+                "64-bit length with the top bit set",
+                header_with_ext(true, Opcode::Binary, m, 1 << 63, 8),
+            ),
         ];
         for (name, s) in cases {
             let mut f = policy_flow(check);
@@ -1035,6 +1121,18 @@ mod tests {
             let out = frames_of(&c.out);
             assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close), "{name}");
         }
+        // Without the check, a lenient peer's non-minimal length passes.
+        let lenient = header_with_ext(true, Opcode::Text, m, 5, 8)
+            .into_iter()
+            .chain(*b"hello")
+            .collect::<Vec<u8>>();
+        let mut f = policy_flow(Policy {
+            max_frame: 5,
+            ..Policy::default()
+        });
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &lenient, &[3], |_, _| {});
+        assert_eq!((f.violation, c.out), (None, lenient));
         // Negotiated permessage-deflate allows RSV1 on a message's first frame only.
         let deflate = Policy {
             rsv_allowed: 4,

@@ -1211,17 +1211,210 @@ mod tests {
         assert_eq!(frames_of(&c.out).len(), 6, "five fragments and the Close");
     }
 
+    /// A generated peer frame, as the model sees it (not parsed back from its bytes).
+    #[derive(Debug, Clone)]
+    struct Spec {
+        fin: bool,
+        rsv1: bool,
+        op: Opcode,
+        masked: bool,
+        /// Length written in more bytes than needed.
+        long_len: bool,
+        payload: Vec<u8>,
+    }
+
+    impl Spec {
+        fn bytes(&self) -> Vec<u8> {
+            let len = self.payload.len();
+            let ext = match (len, self.long_len) {
+                (0..=125, false) => 0,
+                (0..=125, true) | (126..=65535, false) => 2,
+                _ => 8,
+            };
+            let mask = self.masked.then_some([9, 8, 7, 6]);
+            let mut out = header_with_ext(self.fin, self.op, mask, len as u64, ext);
+            out[0] |= u8::from(self.rsv1) << 6;
+            let mut p = self.payload.clone();
+            if let Some(m) = mask {
+                unmask(&mut p, m, 0);
+            }
+            out.extend(p);
+            out
+        }
+    }
+
+    const PONG: &[u8] = b"ngx-ws-7";
+
+    /// Peer frames of any kind, mostly data frames with any FIN/opcode order, mostly masked as
+    /// the direction wants; payloads are lowercase letters, so no peer frame looks like one the
+    /// proxy injects.
+    fn arb_specs(masked: bool) -> impl Strategy<Value = Vec<Spec>> {
+        let op = prop_oneof![
+            4 => Just(Opcode::Text),
+            2 => Just(Opcode::Binary),
+            5 => Just(Opcode::Continuation),
+            1 => Just(Opcode::Ping),
+            2 => Just(Opcode::Pong),
+            1 => Just(Opcode::Close),
+            1 => Just(Opcode::Reserved(3)),
+        ];
+        let spec = (
+            (any::<bool>(), 0u8..20, op, 0u8..10, 0u8..10),
+            (b'a'..=b'z', 0usize..300, any::<bool>()),
+        )
+            .prop_map(
+                move |((fin, rsv, op, wrong_mask, long), (c, len, own_pong))| {
+                    let pong = op == Opcode::Pong && own_pong;
+                    Spec {
+                        fin: fin || pong,
+                        rsv1: rsv == 0,
+                        op,
+                        masked: masked != (wrong_mask == 0),
+                        long_len: long == 0,
+                        payload: if pong { PONG.to_vec() } else { vec![c; len] },
+                    }
+                },
+            );
+        proptest::collection::vec(spec, 1..12)
+    }
+
+    /// What the flow must forward of `frames`, written from RFC 6455 and the policy's
+    /// documented rules rather than from the flow's code: the frames before the first one the
+    /// policy refuses (minus the first Pong answering the proxy's Ping), and the refusal.
+    fn model(frames: &[Spec], p: &Policy, mut watch: bool) -> (Vec<Spec>, Option<Violation>) {
+        let mut out = Vec::new();
+        // An unfinished message (the last data frame had no FIN), and the size counted for
+        // the message limit.
+        let (mut unfinished, mut counted) = (false, 0u64);
+        for f in frames {
+            let len = f.payload.len() as u64;
+            let data = f.op.is_data();
+            let starts = matches!(f.op, Opcode::Text | Opcode::Binary);
+            let base = if starts && !unfinished { 0 } else { counted };
+            let protocol = p.protocol_check
+                && ((f.rsv1 && !(starts && p.rsv_allowed & 4 != 0))
+                    || matches!(f.op, Opcode::Reserved(_))
+                    || (f.op.is_control() && (len > 125 || !f.fin))
+                    || (f.op == Opcode::Continuation && !unfinished)
+                    || (starts && unfinished)
+                    || (f.op == Opcode::Close && len == 1)
+                    || f.long_len
+                    || f.masked != p.expect_masked);
+            let too_big = (p.max_frame > 0 && len > p.max_frame)
+                || (p.max_message > 0 && data && base + len > p.max_message);
+            if protocol {
+                return (out, Some(Violation::Protocol));
+            }
+            if too_big {
+                return (out, Some(Violation::TooBig));
+            }
+            if data {
+                (unfinished, counted) = (!f.fin, base + len);
+            }
+            if watch && f.op == Opcode::Pong && f.fin && f.payload == PONG {
+                watch = false;
+                continue;
+            }
+            out.push(f.clone());
+        }
+        (out, None)
+    }
+
+    fn arb_policy() -> impl Strategy<Value = Policy> {
+        (
+            prop_oneof![Just(0u64), 1u64..400],
+            prop_oneof![Just(0u64), 1u64..900],
+            any::<bool>(),
+            prop_oneof![Just(0u8), Just(4u8)],
+        )
+            .prop_map(
+                |(max_frame, max_message, protocol_check, rsv_allowed)| Policy {
+                    max_frame,
+                    max_message,
+                    protocol_check,
+                    rsv_allowed,
+                    expect_masked: false,
+                },
+            )
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-        /// With a frame limit, no read split or write pattern lets a byte of the oversized
-        /// frame through.
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any peer frames, in both directions, under any policy, read split and write pattern
+        /// (including writes that return "again"), with the proxy's Pong watch, Ping and Close
+        /// requests at any moment: the output is exactly the model's frames in order, the
+        /// proxy's Ping anywhere between them, and ends with the proxy's Close when the policy
+        /// refused a frame (the Close right after the frames before it) or a Close was
+        /// requested (after a prefix of them). No frame the policy refuses, and nothing after
+        /// it, ever reaches the connection.
+        #[test]
+        fn policy_holds_under_any_split(
+            client in any::<bool>(),
+            (specs, policy) in any::<bool>().prop_flat_map(|masked| (arb_specs(masked), arb_policy())),
+            watch in any::<bool>(),
+            reads in proptest::collection::vec(1usize..800, 1..6),
+            caps in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..700], 1..6),
+            close_at in 0usize..6000,
+            ping_at in 0usize..6000,
+        ) {
+            // The generated masking follows `client` only most of the time either way.
+            let policy = Policy { expect_masked: client, ..policy };
+            let s: Vec<u8> = specs.iter().flat_map(Spec::bytes).collect();
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
+            let mut f = Flow::new(Capture::default(), policy, if client { 7 } else { 0 });
+            if watch {
+                f.watch_pong(PONG.to_vec());
+            }
+            let mut c = Conn::new(caps);
+            drive(&mut f, &mut c, &s, &reads, |read, f| {
+                if read >= ping_at && read < ping_at + 800 { f.request_ping(b"proxy-ping".to_vec()); }
+                if read >= close_at { f.request_close(4000, "x"); }
+            });
+            let (want, refused) = model(&specs, &policy, watch);
+            let want: Vec<(Opcode, Vec<u8>, bool)> =
+                want.into_iter().map(|f| (f.op, f.payload, f.masked)).collect();
+            let mut out = frames_of(&c.out);
+            out.retain(|o| !(o.0 == Opcode::Ping && o.1 == b"proxy-ping"));
+            prop_assert!(out.iter().all(|o| o.2 == client || o.1 != b"proxy-ping"));
+            let close = match out.last() {
+                Some((Opcode::Close, p, m)) if p.starts_with(&4000u16.to_be_bytes())
+                    || p.starts_with(&1001u16.to_be_bytes()) => {
+                    prop_assert_eq!(*m, client, "the proxy masks toward the upstream only");
+                    out.pop().map(|c| c.1)
+                }
+                _ => None,
+            };
+            prop_assert!(out.len() <= want.len(), "more frames out than the model allows");
+            prop_assert_eq!(&out[..], &want[..out.len()]);
+            match close.as_deref().map(|p| &p[..2]) {
+                Some(code) if code == 1001u16.to_be_bytes() => {
+                    prop_assert!(refused.is_some());
+                    prop_assert_eq!(f.violation, refused);
+                    prop_assert_eq!(out.len(), want.len(), "all frames before the refused one");
+                }
+                Some(_) => {
+                    prop_assert!(close_at <= s.len(), "a Close nobody asked for");
+                    prop_assert_eq!(f.violation, None);
+                }
+                None => {
+                    prop_assert!(refused.is_none() && close_at > s.len(), "no Close");
+                    prop_assert_eq!(out.len(), want.len());
+                }
+            }
+        }
+
+        /// With a frame limit, no read split or write pattern (writes returning "again"
+        /// included) lets a byte of the oversized frame through.
         #[test]
         fn limits_hold_under_any_split(
             reads in proptest::collection::vec(1usize..2000, 1..6),
-            caps in proptest::collection::vec(1usize..2000, 1..6),
+            caps in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..2000], 1..6),
         ) {
             let s = stream();
             let mut f = policy_flow(Policy { max_frame: 500, expect_masked: true, ..Policy::default() });
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
             let mut c = Conn::new(caps);
             drive(&mut f, &mut c, &s, &reads, |_, _| {});
             let out = frames_of(&c.out);

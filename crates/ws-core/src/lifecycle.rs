@@ -420,7 +420,10 @@ mod tests {
             panic!()
         };
         assert_eq!(o.to_upstream, (1001, "max lifetime"));
-        assert_eq!(l.begin_close(120, End::Drain, 1012, "service restart"), None);
+        assert_eq!(
+            l.begin_close(120, End::Drain, 1012, "service restart"),
+            None
+        );
         assert_eq!(l.on_tick(120, &answered()), Tick::End { answered: true });
     }
 
@@ -435,7 +438,10 @@ mod tests {
         let mut l = Lifecycle::new(Timers::default(), 0);
         let o = l.refused(5, From::Client, Violation::Protocol).unwrap();
         assert_eq!(o.to_client, (1002, "protocol error"));
-        assert_eq!(l.end(EndFacts::default()), (End::ProtocolError, From::Proxy));
+        assert_eq!(
+            l.end(EndFacts::default()),
+            (End::ProtocolError, From::Proxy)
+        );
     }
 
     #[test]
@@ -486,7 +492,10 @@ mod tests {
         let mut l = l;
         l.peer_closed(From::Upstream);
         l.peer_closed(From::Client);
-        assert_eq!(l.end(f(true, false, true, true)), (End::Normal, From::Upstream));
+        assert_eq!(
+            l.end(f(true, false, true, true)),
+            (End::Normal, From::Upstream)
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -368,7 +368,7 @@ pub fn reject(
             Reason::NotUpgrade => crate::status::Reject::NotUpgrade,
         },
     );
-    if lcf.events & events::REJECT != 0 {
+    if lcf.events() & events::REJECT != 0 {
         if let Some(mut lf) = lcf.log_file() {
             // SAFETY: LogFiles live in the configuration pool, which outlives requests.
             let lf = unsafe { lf.as_mut() };

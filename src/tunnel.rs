@@ -174,7 +174,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     let extensions = find_header(&req.headers_out.headers, b"sec-websocket-extensions");
     let subprotocol = find_header(&req.headers_out.headers, b"sec-websocket-protocol");
     let capture = Capture {
-        payload: lcf.payload,
+        payload: lcf.payload(),
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
     };
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
@@ -194,20 +194,20 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     // SAFETY: as above.
     let (client_recv, upstream_recv) = unsafe { ((*client_conn).recv, (*upstream_conn).recv) };
     let policy = Policy {
-        max_frame: lcf.max_frame as u64,
-        max_message: lcf.max_message as u64,
-        protocol_check: lcf.protocol_check == 1,
+        max_frame: lcf.max_frame() as u64,
+        max_message: lcf.max_message() as u64,
+        protocol_check: lcf.protocol_check(),
         expect_masked: true,
         rsv_allowed: rsv_allowed(extensions.as_deref()),
     };
     let now = now_msec();
     let timers = Timers {
-        idle: lcf.idle_timeout as Msec,
-        lifetime: lcf.max_lifetime as Msec,
-        ping: lcf.ping_interval as Msec,
-        pong: lcf.pong_timeout as Msec,
-        close: lcf.close_timeout as Msec,
-        drain: lcf.drain as Msec,
+        idle: lcf.idle_timeout() as Msec,
+        lifetime: lcf.max_lifetime() as Msec,
+        ping: lcf.ping_interval() as Msec,
+        pong: lcf.pong_timeout() as Msec,
+        close: lcf.close_timeout() as Msec,
+        drain: lcf.drain() as Msec,
     };
     let tunnel_timed =
         timers.idle > 0 || timers.lifetime > 0 || timers.ping > 0 || timers.drain > 0;
@@ -232,10 +232,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         ),
         rec: Recorder {
             log: lcf.log_file(),
-            events: lcf.events,
+            events: lcf.events(),
             conn,
             request_id,
-            payload: lcf.payload,
+            payload: lcf.payload(),
             stats: None,
         },
         life: Lifecycle::new(timers, now as Msec),

@@ -9,7 +9,7 @@ use ngx::ffi::{
     ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shm_zone_t, ngx_str_t, ngx_uint_t,
     NGX_ERROR, NGX_LOG_EMERG,
 };
-use ngx::http::{Merge, MergeConfigError};
+use ngx::http::{HttpModuleConfExt, Merge, MergeConfigError, Request};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::log::LogFile;
@@ -981,6 +981,48 @@ pub unsafe fn init_routes(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result<(),
         *slot = idx;
     }
     Ok(())
+}
+
+/// Our location configuration for a request.
+pub fn loc_conf(r: &Request) -> Option<&'static LocConf> {
+    // SAFETY: our location configuration is a LocConf; it lives as long as the cycle, which
+    // outlives its requests, and is only read once the cycle runs.
+    unsafe {
+        Some(
+            r.http_location_conf_unchecked::<LocConf>(crate::module())?
+                .as_ref(),
+        )
+    }
+}
+
+/// Our http main configuration for a request.
+pub fn main_conf_of(r: &Request) -> Option<&'static MainConf> {
+    // SAFETY: as loc_conf, for our MainConf.
+    unsafe {
+        Some(
+            r.http_main_conf_unchecked::<MainConf>(crate::module())?
+                .as_ref(),
+        )
+    }
+}
+
+/// Our http main configuration in the running cycle.
+///
+/// # Safety
+/// Must be called from nginx's thread, with `ngx_cycle` set.
+pub unsafe fn cycle_main_conf() -> Option<&'static MainConf> {
+    // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
+    let cycle = unsafe { ngx::ffi::ngx_cycle.as_ref()? };
+    // SAFETY: the http main conf of this module is a MainConf. Configuration is only read
+    // once the cycle runs (what changes at run time lives elsewhere: crate::drain, the log
+    // files' own state), so shared references to it never alias a mutable one.
+    unsafe {
+        Some(
+            cycle
+                .http_main_conf_unchecked::<MainConf>(crate::module())?
+                .as_ref(),
+        )
+    }
 }
 
 /// The http main configuration while http{} is being parsed.

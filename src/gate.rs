@@ -169,20 +169,9 @@ pub unsafe extern "C" fn ngx_http_ws_route_variable(
 ) -> ngx_int_t {
     // SAFETY: nginx passes a live request and a value slot to fill.
     let (req, v) = unsafe { (&*r, &mut *v) };
-    let c = crate::loc_conf(http::request(req)).and_then(|lcf| decide(req, lcf));
+    let c = crate::conf::loc_conf(http::request(req)).and_then(|lcf| decide(req, lcf));
     fill(v, c.map(|c| if data == 0 { c.route } else { c.upstream }));
     Status::NGX_OK.into()
-}
-
-/// `$ws_route` and `$ws_upstream` of a request, for the tunnel's `open` record and labels.
-///
-/// # Safety
-/// `r` must be a live request of the cycle whose main conf is `mcf`.
-pub unsafe fn chosen(r: *mut ngx_http_request_t, mcf: &MainConf) -> Option<(String, String)> {
-    // SAFETY: per the contract, the indices are this cycle's.
-    let get =
-        |idx| unsafe { http::indexed(r, idx) }.map(|b| String::from_utf8_lossy(b).into_owned());
-    Some((get(mcf.route_index)?, get(mcf.upstream_index)?))
 }
 
 /// The preaccess handler: strict handshake, then origin, then route.
@@ -193,11 +182,11 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
     if !ptr::eq(r, req.main) {
         return declined;
     }
-    let Some(lcf) = crate::loc_conf(http::request(req)) else {
+    let Some(lcf) = crate::conf::loc_conf(http::request(req)) else {
         return declined;
     };
     // SAFETY: in nginx's thread.
-    let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
+    let Some(mcf) = (unsafe { crate::conf::cycle_main_conf() }) else {
         return declined;
     };
     if lcf.routes.is_none() {
@@ -307,7 +296,7 @@ pub unsafe fn check_upstream_101(r: *mut ngx_http_request_t) -> Option<ngx_int_t
     {
         return None;
     }
-    let lcf = crate::loc_conf(http::request(req))?;
+    let lcf = crate::conf::loc_conf(http::request(req))?;
     // SAFETY: checked non-null; the upstream lives as long as the request.
     if !lcf.strict() || unsafe { (*req.upstream).upgrade() } == 0 || !http::is_websocket_101(req) {
         return None;
@@ -374,7 +363,7 @@ pub fn reject(
             let lf = unsafe { lf.as_mut() };
             let time = lf.now_text();
             // SAFETY: the live request; the record is written before it ends.
-            let request_id = unsafe { crate::cycle_main_conf() }
+            let request_id = unsafe { crate::conf::cycle_main_conf() }
                 // SAFETY: as above, with this cycle's index.
                 .and_then(|mcf| unsafe {
                     http::request_id(ptr::from_mut(r), mcf.request_id_index)

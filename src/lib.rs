@@ -16,7 +16,7 @@ pub mod log;
 pub mod status;
 pub mod tunnel;
 pub mod variables;
-pub use glue::{cycle_main_conf, loc_conf, main_conf, module, ngx_http_ws_module};
+pub use glue::{module, ngx_http_ws_module};
 
 /// Module statics, the HttpModule implementation and the header filter.
 mod glue {
@@ -26,14 +26,14 @@ mod glue {
 
     use ngx::core::{Status, NGX_CONF_ERROR};
     use ngx::ffi::{
-        ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle, ngx_cycle_t,
-        ngx_http_module_t, ngx_http_output_header_filter_pt, ngx_http_request_t,
-        ngx_http_top_header_filter, ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-        NGX_CONF_2MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123,
-        NGX_CONF_TAKE2, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+        ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle_t, ngx_http_module_t,
+        ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter,
+        ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
+        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2,
+        NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
         NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
     };
-    use ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf};
+    use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
     use ngx::{ngx_conf_log_error, ngx_string};
 
     use crate::conf::{self, LocConf, MainConf};
@@ -286,7 +286,7 @@ mod glue {
     /// Per-worker start: the drain watcher, when some scope uses `ws_drain`.
     unsafe extern "C" fn ngx_http_ws_init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // SAFETY: nginx calls init_process with the worker's cycle.
-        if let Some(mcf) = unsafe { cycle_main_conf() } {
+        if let Some(mcf) = unsafe { conf::cycle_main_conf() } {
             if mcf.drain_used {
                 // SAFETY: once per worker, with the cycle's log, which outlives the worker.
                 unsafe { drain::start_watch((*cycle).log) };
@@ -314,34 +314,5 @@ mod glue {
     pub fn module() -> &'static ngx_module_t {
         // SAFETY: nginx writes the indices while loading, before any use; afterwards it is read-only.
         unsafe { &*ptr::addr_of!(ngx_http_ws_module) }
-    }
-
-    /// Our location configuration for a request.
-    pub fn loc_conf(r: &ngx::http::Request) -> Option<&'static LocConf> {
-        Module::location_conf(r)
-    }
-
-    /// Our http main configuration for a request.
-    pub fn main_conf(r: &ngx::http::Request) -> Option<&'static MainConf> {
-        Module::main_conf(r)
-    }
-
-    /// Our http main configuration in the running cycle.
-    ///
-    /// # Safety
-    /// Must be called from nginx's thread, with `ngx_cycle` set.
-    pub unsafe fn cycle_main_conf() -> Option<&'static MainConf> {
-        // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
-        let cycle = unsafe { ngx_cycle.as_ref()? };
-        // SAFETY: the http main conf of this module is a MainConf. Configuration is only read
-        // once the cycle runs (what changes at run time lives elsewhere: crate::drain), so
-        // shared references to it never alias a mutable one.
-        unsafe {
-            Some(
-                cycle
-                    .http_main_conf_unchecked::<MainConf>(module())?
-                    .as_ref(),
-            )
-        }
     }
 }

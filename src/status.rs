@@ -60,8 +60,7 @@ directive_handler!(
 );
 
 fn parse_status_zone(d: &Directive<'_>, mcf: &mut MainConf) -> Result<(), ConfError> {
-    let st = &mut mcf.status;
-    if st.enabled() {
+    if mcf.status.enabled() {
         return Err(d.duplicate());
     }
     let a = d.args;
@@ -92,10 +91,10 @@ fn parse_status_zone(d: &Directive<'_>, mcf: &mut MainConf) -> Result<(), ConfEr
     unsafe {
         let z = &mut *z.as_ptr();
         z.init = Some(ngx_http_ws_status_init_zone);
-        z.data = ptr::from_mut(st).cast();
+        z.data = ptr::from_mut(mcf).cast();
     }
-    st.zone = zone;
-    st.name = name;
+    mcf.status.zone = zone;
+    mcf.status.name = name;
     Ok(())
 }
 
@@ -122,10 +121,28 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
     shm_zone: *mut ngx_shm_zone_t,
     data: *mut c_void,
 ) -> ngx_int_t {
-    // SAFETY: nginx passes the zone we added, its data our StatusConf in the config pool.
+    // SAFETY: nginx passes the zone we added, its data our MainConf in the config pool.
     let zone = unsafe { &mut *shm_zone };
-    // SAFETY: as above.
-    let st = unsafe { &mut *zone.data.cast::<StatusConf>() };
+    // SAFETY: as above; nothing else refers to the configuration while nginx sets zones up.
+    let mcf = unsafe { &mut *zone.data.cast::<MainConf>() };
+    let table = attach_or_init(zone, data, &mcf.status.name);
+    if let Some(t) = table {
+        mcf.status.table = Some(t);
+        // The ws_log files count the records they drop in the zone.
+        for lf in &mcf.logs {
+            // SAFETY: LogFiles live in the same configuration pool.
+            unsafe { (*lf.as_ptr()).count_drops_in(t) };
+        }
+    }
+    if table.is_some() {
+        NGX_OK as ngx_int_t
+    } else {
+        NGX_ERROR as ngx_int_t
+    }
+}
+
+/// The zone's table: the one a kept zone already has, or a new one.
+fn attach_or_init(zone: &mut ngx_shm_zone_t, data: *mut c_void, name: &str) -> Option<Table> {
     let log = zone.shm.log;
     let pool = zone.shm.addr.cast::<ngx_slab_pool_t>();
     // SAFETY: ngx_init_zone_pool made the zone start with a slab pool.
@@ -134,10 +151,7 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
     if !data.is_null() || zone.shm.exists != 0 {
         // SAFETY: a reused zone's pool data is the table we laid out, or null.
         match unsafe { Table::attach(sp.data.cast()) } {
-            Ok(t) => {
-                st.table = Some(t);
-                return NGX_OK as ngx_int_t;
-            }
+            Ok(t) => return Some(t),
             Err(e) => {
                 let why = match e {
                     Incompatible::Missing => "has no table",
@@ -147,10 +161,10 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
                     NGX_LOG_EMERG,
                     log,
                     "ws_status_zone \"{}\" {}: give the zone another name or size",
-                    st.name,
+                    name,
                     why
                 );
-                return NGX_ERROR as ngx_int_t;
+                return None;
             }
         }
     }
@@ -167,8 +181,7 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
             // SAFETY: a fresh page-aligned block of `layout.bytes`, ours alone.
             let t = unsafe { Table::init(mem, layout) };
             sp.data = mem.as_ptr().cast();
-            st.table = Some(t);
-            return NGX_OK as ngx_int_t;
+            return Some(t);
         }
         bytes = bytes.saturating_sub(page);
     }
@@ -176,9 +189,9 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
         NGX_LOG_EMERG,
         log,
         "ws_status_zone \"{}\" is too small for its table",
-        st.name
+        name
     );
-    NGX_ERROR as ngx_int_t
+    None
 }
 
 /// The `ws_status` content handler.
@@ -193,7 +206,7 @@ unsafe extern "C" fn ngx_http_ws_status_handler(r: *mut ngx_http_request_t) -> n
     if rc != NGX_OK as ngx_int_t {
         return rc;
     }
-    let Some(lcf) = crate::loc_conf(crate::http::request(req)) else {
+    let Some(lcf) = crate::conf::loc_conf(crate::http::request(req)) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     let mut format = lcf.status.unwrap_or(Format::Json);
@@ -206,7 +219,7 @@ unsafe extern "C" fn ngx_http_ws_status_handler(r: *mut ngx_http_request_t) -> n
             None => return NGX_HTTP_BAD_REQUEST as ngx_int_t,
         }
     }
-    let Some(mcf) = crate::main_conf(crate::http::request(req)) else {
+    let Some(mcf) = crate::conf::main_conf_of(crate::http::request(req)) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     let st = &mcf.status;
@@ -268,22 +281,11 @@ pub fn slot_for(mcf: &MainConf, route: &str, upstream: &str, log: *mut ngx_log_t
 /// `route` and `upstream` are the label values of the request (`""` when there are none).
 pub fn count_reject(route: &str, upstream: &str, reason: Reject) {
     // SAFETY: nginx's thread, in a running worker.
-    let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
+    let Some(mcf) = (unsafe { crate::conf::cycle_main_conf() }) else {
         return;
     };
     let log = ngx::log::ngx_cycle_log().as_ptr();
     if let Some(s) = slot(&mcf.status, route, upstream, log) {
         s.entry().reject(reason);
-    }
-}
-
-/// Counts `ws_log` records lost to failed writes. A no-op without a `ws_status_zone`.
-pub fn count_log_dropped(n: u64) {
-    // SAFETY: nginx's thread, in a running worker.
-    let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
-        return;
-    };
-    if let Some(t) = mcf.status.table {
-        t.count_log_dropped(n);
     }
 }

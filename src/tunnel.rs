@@ -142,8 +142,8 @@ pub unsafe fn wants_tunnel(r: *mut ngx_http_request_t) -> bool {
         return false;
     }
     let request = crate::http::request(req);
-    crate::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
-        || crate::main_conf(request).is_some_and(|m| m.status.enabled())
+    crate::conf::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
+        || crate::conf::main_conf_of(request).is_some_and(|m| m.status.enabled())
 }
 
 /// Starts tracking a tunnel at its 101, when every condition of the spec holds.
@@ -165,11 +165,11 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     {
         return;
     }
-    let Some(lcf) = crate::loc_conf(request) else {
+    let Some(lcf) = crate::conf::loc_conf(request) else {
         return;
     };
     // SAFETY: a request in the http module always has our main conf.
-    let mcf = unsafe { crate::cycle_main_conf() };
+    let mcf = unsafe { crate::conf::cycle_main_conf() };
 
     let extensions = find_header(&req.headers_out.headers, b"sec-websocket-extensions");
     let subprotocol = find_header(&req.headers_out.headers, b"sec-websocket-protocol");
@@ -278,7 +278,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // ws_route rule ("" without routing); the ws_route upstream, else the upstream{} (or
         // proxy_pass host) nginx picked, else, for a variable address, a placeholder.
         // SAFETY: the request is live, of this cycle.
-        let (route, routed) = unsafe { crate::gate::chosen(r, m) }.unzip();
+        let (route, routed) =
+            unsafe { crate::http::chosen(r, m.route_index, m.upstream_index) }.unzip();
         let label = routed
             .or_else(|| upstream_label(u))
             .unwrap_or_else(|| VARIABLE_UPSTREAM.to_string());
@@ -290,7 +291,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     t.passive = !proxy_writes && !t.rec.wants_events();
     if t.life.timers().drain > 0 {
-        let (index, started) = crate::drain::join(tp);
+        let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
         t.drain_index = Some(index);
         if started {
             t.drain_soon(now);
@@ -306,7 +307,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         let (upstream, upstream_name) = upstream_texts(u);
         // SAFETY: the request is live, of this cycle.
         let (route, routed) = mcf
-            .and_then(|m| unsafe { crate::gate::chosen(r, m) })
+            .and_then(|m| unsafe { crate::http::chosen(r, m.route_index, m.upstream_index) })
             .unzip();
         let upstream_name = routed.or(upstream_name);
         let time = lf.now_text();
@@ -1143,18 +1144,18 @@ impl Tunnel {
     ///
     /// # Safety
     /// `t` must be a live tunnel that nothing borrows.
-    pub(crate) unsafe fn schedule_drain(t: *mut Tunnel, now: ngx_msec_t) {
-        // SAFETY: per the contract.
-        unsafe { (*t).drain_soon(now) };
+    unsafe fn schedule_drain(t: *mut c_void, now: ngx_msec_t) {
+        // SAFETY: per the contract: the drain list's members are tunnels.
+        unsafe { (*t.cast::<Tunnel>()).drain_soon(now) };
     }
 
     fn unregister_drain(&mut self) {
         let Some(i) = self.drain_index.take() else {
             return;
         };
-        if let Some(moved) = crate::drain::leave(i, self) {
+        if let Some(moved) = crate::drain::leave(i, ptr::from_ref(self).cast()) {
             // SAFETY: tunnels in the list are live, and another tunnel than this one.
-            unsafe { (*moved.as_ptr()).drain_index = Some(i) };
+            unsafe { (*moved.cast::<Tunnel>().as_ptr()).drain_index = Some(i) };
         }
     }
 

@@ -1,19 +1,23 @@
 //! Directives, typed configuration and configuration errors.
 
 use core::ffi::{c_char, c_void};
+use core::mem::size_of;
 use core::ptr::{self, NonNull};
 
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_flag_t, ngx_http_get_variable_index,
-    ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shm_zone_t, ngx_str_t, ngx_uint_t,
-    NGX_ERROR, NGX_LOG_EMERG,
+    ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_flag_t, ngx_http_compile_complex_value,
+    ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_http_get_variable_index,
+    ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_pcalloc, ngx_shm_zone_t, ngx_str_t,
+    ngx_uint_t, NGX_ERROR, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModuleConfExt, Merge, MergeConfigError, Request};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::log::LogFile;
 use crate::route::{self, OriginRule, OriginSpec, Origins, Routes, Rule, RuleSpec};
+use crate::sink::{self, Dest, Sink};
+use crate::syslog::SyslogLog;
 use ws_core::status::Table;
 
 /// nginx's `NGX_CONF_UNSET`.
@@ -45,6 +49,12 @@ pub enum ConfError {
     LogConflict(String),
     #[error("\"ws_log\" \"{0}\" cannot share its file with a buffered log of another module")]
     LogShared(String),
+    #[error("\"ws_log off\" cannot be combined with other \"ws_log\" in the same scope")]
+    LogOffWithOthers,
+    #[error("\"ws_log\" \"{0}\": logs to syslog cannot be buffered")]
+    SyslogBuffered(String),
+    #[error("too many \"ws_log\" in one scope, the maximum is {0}")]
+    TooManyLogs(usize),
     #[error("invalid number of arguments in \"{0}\" directive")]
     ArgCount(&'static str),
     #[error("\"ws_route default\" is duplicate")]
@@ -95,19 +105,14 @@ pub mod events {
     }
 }
 
-/// `ws_log` in one scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogTarget {
-    Off,
-    File(NonNull<LogFile>),
-}
-
 #[derive(Debug)]
 pub struct MainConf {
     /// Index of `$request_id`, for the records' `request_id`.
     pub request_id_index: ngx_int_t,
     /// Every `ws_log` file of this configuration, for the flush callback and checks.
     pub logs: Vec<NonNull<LogFile>>,
+    /// Every `ws_log syslog:...` of this configuration, to count their losses in the zone.
+    pub syslogs: Vec<NonNull<SyslogLog>>,
     /// Some scope has `ws_drain`: workers watch for their graceful shutdown.
     pub drain_used: bool,
     /// `ws_status_zone`.
@@ -135,6 +140,7 @@ impl Default for MainConf {
         MainConf {
             request_id_index: NGX_ERROR as ngx_int_t,
             logs: Vec::new(),
+            syslogs: Vec::new(),
             drain_used: false,
             gate_used: false,
             route_upstreams: Vec::new(),
@@ -290,7 +296,9 @@ unsafe fn compile_regex(
 /// scope's, or the default), and the accessors read them.
 #[derive(Debug)]
 pub struct LocConf {
-    pub log: Option<LogTarget>,
+    /// The scope's `ws_log`s, in configuration order; empty is `ws_log off`. A scope with any
+    /// `ws_log` uses only its own, as with `access_log`.
+    pub log: Option<Vec<Sink>>,
     /// Bit set of [`events`].
     pub events: Option<u32>,
     pub payload: Option<usize>,
@@ -345,12 +353,9 @@ const PONG_TIMEOUT_DEFAULT: ngx_msec_t = 10_000;
 const CLOSE_TIMEOUT_DEFAULT: ngx_msec_t = 5_000;
 
 impl LocConf {
-    /// The log file records go to, if logging is on here.
-    pub fn log_file(&self) -> Option<NonNull<LogFile>> {
-        match self.log {
-            Some(LogTarget::File(f)) => Some(f),
-            _ => None,
-        }
+    /// The logs records go to here (empty: logging is off).
+    pub fn logs(&self) -> &[Sink] {
+        self.log.as_deref().unwrap_or_default()
     }
 
     pub fn events(&self) -> u32 {
@@ -399,7 +404,7 @@ impl LocConf {
 
     /// Whether any directive that observes or acts on tunnels applies here.
     pub fn tracks_tunnels(&self) -> bool {
-        self.log_file().is_some()
+        !self.logs().is_empty()
             || self.idle_timeout() > 0
             || self.max_lifetime() > 0
             || self.ping_interval() > 0
@@ -425,7 +430,9 @@ impl Merge for LocConf {
         fn inherit<T: Copy>(v: &mut Option<T>, prev: Option<T>, default: T) {
             *v = v.or(prev).or(Some(default));
         }
-        inherit(&mut self.log, prev.log, LogTarget::Off);
+        if self.log.is_none() {
+            self.log = Some(prev.log.clone().unwrap_or_default());
+        }
         inherit(&mut self.events, prev.events, events::DEFAULT);
         inherit(&mut self.payload, prev.payload, 0);
         inherit(&mut self.idle_timeout, prev.idle_timeout, 0);
@@ -623,7 +630,7 @@ macro_rules! directive_handler {
 pub(crate) use directive_handler;
 
 directive_handler!(
-    /// `ws_log path [buffer=size] [flush=time] | off;`
+    /// `ws_log path [buffer=size] [flush=time] [if=condition] | syslog:... [if=condition] | off;`
     ngx_http_ws_set_log: LocConf => parse_log
 );
 directive_handler!(
@@ -664,23 +671,34 @@ directive_handler!(
 );
 
 fn parse_log(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
-    if lcf.log.is_some() {
-        return Err(d.duplicate());
-    }
     let a = d.args;
     if a[0].as_bytes() == b"off" {
         if let Some(p) = a.get(1) {
             return Err(d.invalid_param(p));
         }
-        lcf.log = Some(LogTarget::Off);
-        return Ok(());
+        return match &lcf.log {
+            None => {
+                lcf.log = Some(Vec::new());
+                Ok(())
+            }
+            Some(logs) if logs.is_empty() => Err(d.duplicate()),
+            Some(_) => Err(ConfError::LogOffWithOthers),
+        };
     }
-    let path = text(&a[0]);
-    if path.is_empty() {
+    match &lcf.log {
+        Some(logs) if logs.is_empty() => return Err(ConfError::LogOffWithOthers),
+        Some(logs) if logs.len() >= sink::MAX_PER_SCOPE => {
+            return Err(ConfError::TooManyLogs(sink::MAX_PER_SCOPE))
+        }
+        _ => {}
+    }
+    let target = text(&a[0]);
+    if target.is_empty() {
         return Err(d.invalid(&a[0]));
     }
     let mut buffer = 0usize;
     let mut flush: ngx_msec_t = 0;
+    let mut filter = None;
     for p in &a[1..] {
         if let Some(v) = param(p, b"buffer=") {
             buffer = parse_size(&v)
@@ -690,17 +708,51 @@ fn parse_log(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
             flush = parse_msec(&v)
                 .filter(|&n| n > 0)
                 .ok_or_else(|| d.invalid_param(p))?;
+        } else if let Some(v) = param(p, b"if=") {
+            if filter.is_some() || v.len == 0 {
+                return Err(d.invalid_param(p));
+            }
+            // SAFETY: cf is being parsed; the value lives in the configuration pool.
+            filter = Some(unsafe { compile_complex_value(d.cf, v) }?);
         } else {
             return Err(d.invalid_param(p));
         }
     }
     if flush > 0 && buffer == 0 {
-        return Err(ConfError::FlushWithoutBuffer(path));
+        return Err(ConfError::FlushWithoutBuffer(target));
     }
 
+    let dest = if a[0].as_bytes().starts_with(b"syslog:") {
+        if buffer > 0 {
+            return Err(ConfError::SyslogBuffered(target));
+        }
+        // SAFETY: cf is being parsed and its first argument is the syslog:... one.
+        let syslog = unsafe { SyslogLog::configure(d.cf, target) }?;
+        // SAFETY: cf->pool is the configuration pool; it outlives every request of this cycle.
+        let pool = unsafe { Pool::from_ngx_pool((*d.cf).pool) };
+        let syslog = NonNull::new(pool.allocate(syslog)).ok_or(ConfError::NoMemory)?;
+        d.main_conf()?.syslogs.push(syslog);
+        Dest::Syslog(syslog)
+    } else {
+        Dest::File(open_log_file(d, &a[0], buffer, flush)?)
+    };
+    lcf.log
+        .get_or_insert_with(Vec::new)
+        .push(Sink { dest, filter });
+    Ok(())
+}
+
+/// The `LogFile` of `path`: the one another `ws_log` of this configuration already opened
+/// (with the same buffering), or a new one.
+fn open_log_file(
+    d: &Directive<'_>,
+    path: &ngx_str_t,
+    buffer: usize,
+    flush: ngx_msec_t,
+) -> Result<NonNull<LogFile>, ConfError> {
     // SAFETY: cf is valid during parsing; ngx_conf_open_file copies what it keeps.
     let file = unsafe {
-        let mut name = a[0];
+        let mut name = *path;
         ngx_conf_open_file((*d.cf).cycle, &mut name)
     };
     let file = NonNull::new(file).ok_or(ConfError::NoMemory)?;
@@ -711,15 +763,14 @@ fn parse_log(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
         let lf = unsafe { existing.as_ref() };
         if lf.file() == file.as_ptr() {
             if lf.buffer_size() != buffer || lf.flush_msec() != flush {
-                return Err(ConfError::LogConflict(path));
+                return Err(ConfError::LogConflict(text(path)));
             }
-            lcf.log = Some(LogTarget::File(existing));
-            return Ok(());
+            return Ok(existing);
         }
     }
     // SAFETY: file was just returned by ngx_conf_open_file.
     if unsafe { !LogFile::file_is_free(file.as_ptr()) } {
-        return Err(ConfError::LogShared(path));
+        return Err(ConfError::LogShared(text(path)));
     }
 
     // SAFETY: cf->pool is the configuration pool; it outlives every request of this cycle.
@@ -737,8 +788,31 @@ fn parse_log(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
     // SAFETY: freshly allocated, fixed address from now on.
     unsafe { LogFile::install(lf) };
     mcf.logs.push(lf);
-    lcf.log = Some(LogTarget::File(lf));
-    Ok(())
+    Ok(lf)
+}
+
+/// Compiles `value` as an nginx complex value (variables and text), as `access_log if=` does.
+///
+/// # Safety
+/// `cf` must be the configuration being parsed; `value` must live in its pool.
+unsafe fn compile_complex_value(
+    cf: *mut ngx_conf_t,
+    mut value: ngx_str_t,
+) -> Result<NonNull<ngx_http_complex_value_t>, ConfError> {
+    // SAFETY: cf->pool is the configuration pool.
+    let cv = unsafe { ngx_pcalloc((*cf).pool, size_of::<ngx_http_complex_value_t>()) };
+    let cv = NonNull::new(cv.cast::<ngx_http_complex_value_t>()).ok_or(ConfError::NoMemory)?;
+    // SAFETY: a plain C struct for which all-zero is the initial state, as nginx's callers use.
+    let mut ccv: ngx_http_compile_complex_value_t = unsafe { core::mem::zeroed() };
+    ccv.cf = cf;
+    ccv.value = &mut value;
+    ccv.complex_value = cv.as_ptr();
+    // SAFETY: ccv is set up as nginx's own directives do; nginx copies what it keeps and logs
+    // what is wrong.
+    if unsafe { ngx_http_compile_complex_value(&mut ccv) } != ngx::ffi::NGX_OK as ngx_int_t {
+        return Err(ConfError::Reported);
+    }
+    Ok(cv)
 }
 
 fn parse_log_events(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {

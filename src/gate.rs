@@ -30,6 +30,7 @@ use crate::conf::{events, LocConf, MainConf};
 use crate::http::{self, header_values};
 use crate::record::RejectRecord;
 use crate::route::{self, Chosen, Handshake, RequestError, Upgrade, UpgradeRequest};
+use crate::sink::LogSet;
 
 /// `426 Upgrade Required`: nginx has no status line of its own for it.
 pub const NGX_HTTP_UPGRADE_REQUIRED: ngx_int_t = 426;
@@ -358,10 +359,8 @@ pub fn reject(
         },
     );
     if lcf.events() & events::REJECT != 0 {
-        if let Some(mut lf) = lcf.log_file() {
-            // SAFETY: LogFiles live in the configuration pool, which outlives requests.
-            let lf = unsafe { lf.as_mut() };
-            let time = lf.now_text();
+        let logs = LogSet::select(http::request(r), lcf.logs());
+        if let Some(time) = logs.now_text() {
             // SAFETY: the live request; the record is written before it ends.
             let request_id = unsafe { crate::conf::cycle_main_conf() }
                 // SAFETY: as above, with this cycle's index.
@@ -379,7 +378,7 @@ pub fn reject(
                 status: status as u16,
                 reason: reason.as_str(),
             };
-            lf.write(&rec);
+            logs.write(&rec);
         }
     }
     status

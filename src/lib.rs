@@ -13,7 +13,9 @@ mod drain;
 pub mod gate;
 mod http;
 pub mod log;
+mod sink;
 pub mod status;
+mod syslog;
 pub mod tunnel;
 pub mod variables;
 pub use glue::{module, ngx_http_ws_module};
@@ -29,9 +31,9 @@ mod glue {
         ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle_t, ngx_http_module_t,
         ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter,
         ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2,
-        NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-        NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_ERROR,
+        NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
+        NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
     };
     use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
     use ngx::{ngx_conf_log_error, ngx_string};
@@ -166,7 +168,7 @@ mod glue {
     static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 18] = [
         command(
             ngx_string!("ws_log"),
-            LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
+            LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
             conf::ngx_http_ws_set_log,
             0,
         ),

@@ -45,11 +45,9 @@ pub struct LogFile {
     line: Vec<u8>,
     flush: ngx_msec_t,
     event: ngx_event_t,
-    /// Records lost to failed writes, in this worker.
-    pub dropped: u64,
-    last_error: time_t,
-    /// The last record time formatted, and the clock reading it is for.
-    clock: Option<(time_t, ngx_msec_t, TimeText)>,
+    /// Records lost to failed writes.
+    losses: Losses,
+    clock: Clock,
     /// Bytes accepted but not yet written after a short write, whole lines but for the first,
     /// which may be the tail of a line already partly written.
     carry: Vec<u8>,
@@ -59,8 +57,59 @@ pub struct LogFile {
     carry_fd: i32,
     /// The descriptor last checked for non-blocking mode.
     checked_fd: i32,
+}
+
+/// The time text of records, formatted once per millisecond of nginx's cached clock.
+#[derive(Default)]
+pub struct Clock(Option<(time_t, ngx_msec_t, TimeText)>);
+
+impl Clock {
+    pub fn now_text(&mut self) -> TimeText {
+        let tp = ngx::ffi::ngx_timeofday();
+        match self.0 {
+            Some((sec, msec, text)) if sec == tp.sec && msec == tp.msec => text,
+            _ => {
+                let text = TimeText::new(tp.sec, tp.msec as u32);
+                self.0 = Some((tp.sec, tp.msec, text));
+                text
+            }
+        }
+    }
+}
+
+/// Records a log destination lost, in this worker and in the `ws_status_zone`.
+#[derive(Default)]
+pub struct Losses {
+    /// Records lost, in this worker.
+    pub dropped: u64,
+    last_error: time_t,
     /// The `ws_status_zone` table dropped records are counted in (set by the zone's init).
     table: Option<Table>,
+}
+
+impl Losses {
+    /// Counts `n` lost records; returns whether to say so in the error log (at most once a
+    /// second).
+    pub fn count(&mut self, n: u64) -> bool {
+        if n == 0 {
+            return false;
+        }
+        self.dropped += n;
+        if let Some(t) = self.table {
+            t.count_log_dropped(n);
+        }
+        let now = ngx_time();
+        if now == self.last_error {
+            return false;
+        }
+        self.last_error = now;
+        true
+    }
+
+    /// From now on, losses are also counted in this `ws_status_zone` table.
+    pub fn count_in(&mut self, table: Table) {
+        self.table = Some(table);
+    }
 }
 
 impl LogFile {
@@ -85,39 +134,23 @@ impl LogFile {
             line: Vec::new(),
             flush,
             event,
-            dropped: 0,
-            last_error: 0,
-            clock: None,
+            losses: Losses::default(),
+            clock: Clock::default(),
             carry: Vec::new(),
             carry_torn: false,
             carry_fd: -1,
             checked_fd: -1,
-            table: None,
         }
     }
 
     /// The time for a record now, formatted once per millisecond of nginx's cached clock.
     pub fn now_text(&mut self) -> TimeText {
-        let tp = ngx::ffi::ngx_timeofday();
-        match self.clock {
-            Some((sec, msec, text)) if sec == tp.sec && msec == tp.msec => text,
-            _ => {
-                let text = TimeText::new(tp.sec, tp.msec as u32);
-                self.clock = Some((tp.sec, tp.msec, text));
-                text
-            }
-        }
+        self.clock.now_text()
     }
 
     /// From now on, dropped records are also counted in this `ws_status_zone` table.
     pub fn count_drops_in(&mut self, table: Table) {
-        self.table = Some(table);
-    }
-
-    fn count_in_zone(&self, n: u64) {
-        if let Some(t) = self.table {
-            t.count_log_dropped(n);
-        }
+        self.losses.count_in(table);
     }
 
     /// Hooks the file's flush callback and the timer to this object's final address.
@@ -181,11 +214,41 @@ impl LogFile {
             return;
         }
         // Buffered: the record is serialized straight into the buffer, after what waits there.
+        self.buffer(|buf| record.write_line(buf).is_ok());
+    }
+
+    /// Writes (or buffers) one record already serialized as a line (with its newline), as
+    /// when it goes to several logs.
+    pub fn write_line(&mut self, line: &[u8]) {
+        if self.size == 0 {
+            self.write_out(line, 1);
+            return;
+        }
+        self.buffer(|buf| {
+            buf.extend_from_slice(line);
+            true
+        });
+    }
+
+    /// The scratch space records are serialized in, lent out (to serialize a record once for
+    /// several logs) and given back with [`LogFile::give_scratch`].
+    pub fn take_scratch(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.line)
+    }
+
+    pub fn give_scratch(&mut self, line: Vec<u8>) {
+        self.line = line;
+    }
+
+    /// Appends one record to the buffer with `fill` (false: it could not be serialized), and
+    /// writes the buffer out when it is full.
+    #[inline]
+    fn buffer(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> bool) {
         if self.buf.capacity() < self.size {
             self.buf.reserve_exact(self.size - self.buf.len());
         }
         let start = self.buf.len();
-        if record.write_line(&mut self.buf).is_err() {
+        if !fill(&mut self.buf) {
             self.buf.truncate(start);
             self.count_unwritable();
             return;
@@ -211,9 +274,8 @@ impl LogFile {
     }
 
     /// A record that could not be serialized is counted as dropped.
-    fn count_unwritable(&mut self) {
-        self.dropped += 1;
-        self.count_in_zone(1);
+    pub fn count_unwritable(&mut self) {
+        self.losses.count(1);
     }
 
     /// Writes the first `len` bytes of the buffer: every pending record.
@@ -355,16 +417,9 @@ impl LogFile {
 
     /// `n` records are lost: counted, and said in the error log at most once a second.
     fn lost(&mut self, n: u64, err: Option<std::io::Error>) {
-        if n == 0 {
+        if !self.losses.count(n) {
             return;
         }
-        self.dropped += n;
-        self.count_in_zone(n);
-        let now = ngx_time();
-        if now == self.last_error {
-            return;
-        }
-        self.last_error = now;
         let msg = match err.filter(|e| e.kind() != std::io::ErrorKind::WouldBlock) {
             Some(err) => {
                 let code = err.raw_os_error().unwrap_or(0);
@@ -373,14 +428,14 @@ impl LogFile {
                 format!(
                     "ws: write() to \"{}\" failed ({code}: {text}), {} log records dropped so far",
                     self.name(),
-                    self.dropped
+                    self.losses.dropped
                 )
             }
             None => format!(
                 "ws: write() to \"{}\" was incomplete (the reader is slow or gone), {} log \
                  records dropped so far",
                 self.name(),
-                self.dropped
+                self.losses.dropped
             ),
         };
         let log = ngx::log::ngx_cycle_log().as_ptr();

@@ -133,6 +133,10 @@ unsafe extern "C" fn ngx_http_ws_status_init_zone(
             // SAFETY: LogFiles live in the same configuration pool.
             unsafe { (*lf.as_ptr()).count_drops_in(t) };
         }
+        for sl in &mcf.syslogs {
+            // SAFETY: as above, for the syslog destinations.
+            unsafe { (*sl.as_ptr()).count_drops_in(t) };
+        }
     }
     if table.is_some() {
         NGX_OK as ngx_int_t

@@ -27,12 +27,12 @@ use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
 use crate::http::{addr_text, find_header, non_empty};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
-use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
     CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
     SideRecord,
 };
+use crate::sink::LogSet;
 use crate::status::{self, Slot};
 
 type SendFn = unsafe extern "C" fn(*mut ngx_connection_t, *mut u8, usize) -> isize;
@@ -49,7 +49,8 @@ pub struct Outcome {
 
 /// Where records go and what they carry in common.
 struct Recorder {
-    log: Option<NonNull<LogFile>>,
+    /// The `ws_log`s whose `if=` passed when the tunnel opened.
+    logs: LogSet<'static>,
     events: u32,
     conn: u64,
     /// `$request_id`, in the request pool.
@@ -231,7 +232,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             0,
         ),
         rec: Recorder {
-            log: lcf.log_file(),
+            logs: LogSet::select(request, lcf.logs()),
             events: lcf.events(),
             conn,
             request_id,
@@ -299,7 +300,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     }
     t.arm(now);
 
-    if let Some(lf) = t.rec.file().filter(|_| t.rec.events & events::OPEN != 0) {
+    let open_time = (t.rec.events & events::OPEN != 0)
+        .then(|| t.rec.logs.now_text())
+        .flatten();
+    if let Some(time) = open_time {
         let uri = String::from_utf8_lossy(req.uri.as_bytes()).into_owned();
         let host = non_empty(&req.headers_in.server);
         // SAFETY: the connection's address fields are set for accepted connections.
@@ -310,7 +314,6 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             .and_then(|m| unsafe { crate::http::chosen(r, m.route_index, m.upstream_index) })
             .unzip();
         let upstream_name = routed.or(upstream_name);
-        let time = lf.now_text();
         let rec = OpenRecord {
             time: time.as_str(),
             event: "open",
@@ -325,7 +328,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             subprotocol: subprotocol.as_deref(),
             extensions: extensions.as_deref(),
         };
-        lf.write(&rec);
+        t.rec.logs.write(&rec);
     }
 }
 
@@ -617,18 +620,10 @@ unsafe fn end_tunnel(t: *mut Tunnel) {
 }
 
 impl Recorder {
-    /// The `ws_log` file records go to, if any. It is not the recorder's: it lives in the
-    /// configuration pool of the worker's cycle, for as long as the worker.
-    fn file(&self) -> Option<&'static mut LogFile> {
-        // SAFETY: as above; nginx's one thread holds no other reference to the file while a
-        // record is written.
-        self.log.map(|lf| unsafe { &mut *lf.as_ptr() })
-    }
-
     /// Whether `on` does anything with frame and message events.
     fn wants_events(&self) -> bool {
         self.stats.is_some()
-            || (self.log.is_some() && self.events & (events::FRAME | events::MESSAGE) != 0)
+            || (!self.logs.is_empty() && self.events & (events::FRAME | events::MESSAGE) != 0)
     }
 
     /// Writes the record for something a flow did.
@@ -637,9 +632,9 @@ impl Recorder {
             s.entry().on_event(from, e);
         }
         let want = self.events & (events::FRAME | events::MESSAGE);
-        let Some(lf) = self.file().filter(|_| want != 0) else {
+        if want == 0 {
             return;
-        };
+        }
         let wanted = match e {
             Event::Peer(Observed::Frame(_)) | Event::Proxy { .. } => want & events::FRAME != 0,
             Event::Peer(Observed::Message(_)) => want & events::MESSAGE != 0,
@@ -648,7 +643,9 @@ impl Recorder {
         if !wanted {
             return;
         }
-        let time = lf.now_text();
+        let Some(time) = self.logs.now_text() else {
+            return;
+        };
         let time = time.as_str();
         match e {
             Event::Peer(Observed::Frame(f)) => {
@@ -676,7 +673,7 @@ impl Recorder {
                     code: f.close_code,
                     reason: f.close_reason.as_deref(),
                 };
-                lf.write(&rec);
+                self.logs.write(&rec);
             }
             Event::Peer(Observed::Message(m)) => {
                 let captured = self.payload > 0 && !m.compressed;
@@ -702,7 +699,7 @@ impl Recorder {
                     payload,
                     payload_truncated: payload.map(|p| p.truncated),
                 };
-                lf.write(&rec);
+                self.logs.write(&rec);
             }
             Event::Proxy {
                 opcode,
@@ -729,7 +726,7 @@ impl Recorder {
                     code: *code,
                     reason: *reason,
                 };
-                lf.write(&rec);
+                self.logs.write(&rec);
             }
             _ => {}
         }
@@ -1099,9 +1096,10 @@ impl Tunnel {
             }
         }
 
-        let log = self.rec.file();
-        if let Some(lf) = log.filter(|_| self.rec.events & events::CLOSE != 0) {
-            let time = lf.now_text();
+        let close_time = (self.rec.events & events::CLOSE != 0)
+            .then(|| self.rec.logs.now_text())
+            .flatten();
+        if let Some(time) = close_time {
             let rec = CloseRecord {
                 time: time.as_str(),
                 event: "close",
@@ -1113,11 +1111,9 @@ impl Tunnel {
                 closed_by,
                 end,
             };
-            lf.write(&rec);
+            self.rec.logs.write(&rec);
         }
-        if let Some(lf) = self.rec.file() {
-            lf.flush_buffer();
-        }
+        self.rec.logs.flush();
     }
 
     /// The tunnel's end in the `ws_status_zone`: each side's first Close code, the proxy's

@@ -55,7 +55,7 @@ fn ws_log_bad_values() {
         "invalid parameter \"extra\" in \"ws_log\" directive",
     );
     check_fails(
-        &in_location("ws_log logs/a.log; ws_log logs/b.log;"),
+        &in_location("ws_log off; ws_log off;"),
         "\"ws_log\" directive is duplicate",
     );
     check_fails(
@@ -84,6 +84,103 @@ fn ws_log_bad_values() {
     assert!(
         !ok && out.contains("\"ws_log\" directive is not allowed here"),
         "{out}"
+    );
+}
+
+#[test]
+fn several_ws_log_syslog_and_if_pass() {
+    let body = format!(
+        "split_clients $request_id $ws_sample {{ 1% 1; * 0; }}\n\
+         ws_log logs/all.log buffer=32k flush=1s;\n\
+         ws_log syslog:server=127.0.0.1:{},facility=local3,severity=notice,tag=ws,nohostname;\n\
+         server {{ listen 127.0.0.1:{};\n\
+         location / {{ ws_log logs/sampled.log if=$ws_sample; ws_log logs/all.log buffer=32k \
+         flush=1s if=$arg_debug;\n\
+         ws_log syslog:server=unix:/dev/log if=$ws_sample; }}\n\
+         location /quiet {{ ws_log off; }} }}",
+        free_port(),
+        free_port()
+    );
+    let (ok, out) = nginx_t(&main_conf(1, &body));
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn ws_log_off_is_alone_in_its_scope() {
+    check_fails(
+        &in_location("ws_log off; ws_log logs/a.log;"),
+        "\"ws_log off\" cannot be combined with other \"ws_log\" in the same scope",
+    );
+    check_fails(
+        &in_location("ws_log logs/a.log; ws_log off;"),
+        "\"ws_log off\" cannot be combined with other \"ws_log\" in the same scope",
+    );
+    let many: String = (0..65).map(|i| format!("ws_log logs/{i}.log;\n")).collect();
+    check_fails(
+        &in_location(&many),
+        "too many \"ws_log\" in one scope, the maximum is 64",
+    );
+}
+
+#[test]
+fn ws_log_if_bad_values() {
+    check_fails(
+        &in_location("ws_log logs/a.log if=;"),
+        "invalid parameter \"if=\" in \"ws_log\" directive",
+    );
+    check_fails(
+        &in_location("ws_log logs/a.log if=$arg_a if=$arg_b;"),
+        "invalid parameter \"if=$arg_b\" in \"ws_log\" directive",
+    );
+    // nginx's own messages, from its complex value compiler and variable table.
+    check_fails(
+        &in_location("ws_log logs/a.log if=${arg_a;"),
+        "the closing bracket in \"arg_a\" variable is missing",
+    );
+    check_fails(
+        &in_location("ws_log logs/a.log if=$ws_no_such_variable;"),
+        "unknown \"ws_no_such_variable\" variable",
+    );
+}
+
+#[test]
+fn ws_log_syslog_bad_values() {
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1 buffer=4k;"),
+        "\"ws_log\" \"syslog:server=127.0.0.1\": logs to syslog cannot be buffered",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1 flush=1s;"),
+        "flush= needs buffer=",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1 gzip;"),
+        "invalid parameter \"gzip\" in \"ws_log\" directive",
+    );
+    // nginx's own syslog parser and its messages.
+    check_fails(
+        &in_location("ws_log syslog:facility=local0;"),
+        "no syslog server specified",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1,facility=local9;"),
+        "unknown syslog facility \"local9\"",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1,severity=loud;"),
+        "unknown syslog severity \"loud\"",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1,tag=no-dash;"),
+        "syslog \"tag\" only allows alphanumeric characters and underscore",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1,colour=red;"),
+        "unknown syslog parameter \"colour=red\"",
+    );
+    check_fails(
+        &in_location("ws_log syslog:server=127.0.0.1:99999;"),
+        "invalid port in syslog server \"127.0.0.1:99999\"",
     );
 }
 

@@ -13,3 +13,4 @@ mod security;
 mod timeouts;
 mod tls;
 mod tunnel;
+mod wslog;

@@ -10,7 +10,10 @@
 //! may then be short: what did not go out is kept (up to [`CARRY_MAX`] bytes) and written
 //! before anything else, at the next write or from a retry timer. A line is never left torn:
 //! when records must be dropped, the tail of a partly written line is still kept and completed
-//! first, so the next record starts on a line of its own.
+//! first, so the next record starts on a line of its own. Every worker writes the same pipe:
+//! a pipe is written in pieces of whole lines of at most `PIPE_BUF` bytes, which the kernel
+//! never cuts, so that no worker's line is continued by another's (a single record longer
+//! than `PIPE_BUF` is the exception).
 
 use core::cell::RefCell;
 use core::ptr::{self, NonNull};
@@ -57,6 +60,8 @@ pub struct LogFile {
     carry_fd: i32,
     /// The descriptor last checked for non-blocking mode.
     checked_fd: i32,
+    /// That descriptor is a pipe, which other workers (and processes) may write too.
+    pipe: bool,
 }
 
 /// The time text of records, formatted once per millisecond of nginx's cached clock.
@@ -140,6 +145,7 @@ impl LogFile {
             carry_torn: false,
             carry_fd: -1,
             checked_fd: -1,
+            pipe: false,
         }
     }
 
@@ -314,7 +320,7 @@ impl LogFile {
             }
             return;
         }
-        let (written, err) = write_fd(fd, data);
+        let (written, err) = write_fd(fd, data, self.pipe);
         if written < data.len() {
             let torn = written > 0 && data[written - 1] != b'\n';
             self.keep(fd, &data[written..], torn, err);
@@ -371,7 +377,7 @@ impl LogFile {
                 .map_or(carry.len(), |p| p + 1);
             self.lost(1, None);
         }
-        let (written, err) = write_fd(fd, &carry[start..]);
+        let (written, err) = write_fd(fd, &carry[start..], self.pipe);
         let end = start + written;
         if end < carry.len() {
             let torn = if written > 0 {
@@ -399,6 +405,7 @@ impl LogFile {
             return;
         }
         self.checked_fd = fd;
+        self.pipe = false;
         // SAFETY: fstat and fcntl on nginx's open descriptor, with a zeroed stat buffer.
         unsafe {
             let mut st: libc::stat = core::mem::zeroed();
@@ -406,6 +413,7 @@ impl LogFile {
                 return;
             }
             let kind = st.st_mode & libc::S_IFMT;
+            self.pipe = kind == libc::S_IFIFO;
             if kind == libc::S_IFIFO || kind == libc::S_IFSOCK {
                 let flags = libc::fcntl(fd, libc::F_GETFL);
                 if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
@@ -444,30 +452,79 @@ impl LogFile {
     }
 }
 
+/// Writes as much of `data` as the descriptor takes now. Returns the bytes written and the
+/// error that stopped it (`None` when it stopped short without one, as a full pipe does).
+///
+/// A pipe (`/dev/stdout` in a container) is shared by every worker: a write of more than
+/// `PIPE_BUF` bytes may be cut short when it fills, and another worker's lines would then
+/// continue the cut line. So a pipe is written in pieces of whole lines of at most
+/// `PIPE_BUF` bytes each, which the kernel writes whole or not at all; only a single line
+/// longer than that is written on its own, unprotected.
+fn write_fd(fd: i32, data: &[u8], pipe: bool) -> (usize, Option<std::io::Error>) {
+    if !pipe {
+        return write_fd_retrying(fd, data);
+    }
+    let mut off = 0;
+    while off < data.len() {
+        let rest = &data[off..];
+        let piece = atomic_piece(rest);
+        let (n, err) = if piece <= libc::PIPE_BUF {
+            write_once(fd, &rest[..piece])
+        } else {
+            write_fd_retrying(fd, &rest[..piece])
+        };
+        off += n;
+        if n < piece || err.is_some() {
+            return (off, err);
+        }
+    }
+    (off, None)
+}
+
+/// The length of the next piece of `data` to write to a pipe: the whole lines that fit in
+/// `PIPE_BUF` bytes, else the first line alone (or all of `data` when it has no newline).
+fn atomic_piece(data: &[u8]) -> usize {
+    let window = &data[..data.len().min(libc::PIPE_BUF)];
+    match window.iter().rposition(|&b| b == b'\n') {
+        Some(p) => p + 1,
+        None => data
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |p| p + 1),
+    }
+}
+
+/// One `write`, retried only after a signal.
+fn write_once(fd: i32, data: &[u8]) -> (usize, Option<std::io::Error>) {
+    loop {
+        // SAFETY: writing `data.len()` initialized bytes to a descriptor.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n >= 0 {
+            return (n as usize, None);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return (0, Some(err));
+        }
+    }
+}
+
 /// Writes as much of `data` as the descriptor takes now: retried at once after a signal or a
-/// short write (up to [`WRITE_TRIES`] writes). Returns the bytes written and the error that
-/// stopped it (`None` when it stopped short without one, as a full pipe does).
-fn write_fd(fd: i32, data: &[u8]) -> (usize, Option<std::io::Error>) {
+/// short write (up to [`WRITE_TRIES`] writes).
+fn write_fd_retrying(fd: i32, data: &[u8]) -> (usize, Option<std::io::Error>) {
     let mut off = 0;
     for _ in 0..WRITE_TRIES {
         if off == data.len() {
             break;
         }
-        let rest = &data[off..];
-        // SAFETY: writing `rest.len()` initialized bytes to a descriptor.
-        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
-        if n > 0 {
-            off += n as usize;
-            continue;
+        let (n, err) = write_once(fd, &data[off..]);
+        off += n;
+        if err.is_some() {
+            return (off, err);
         }
         if n == 0 {
             break;
         }
-        let err = std::io::Error::last_os_error();
-        if err.kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return (off, Some(err));
     }
     (off, None)
 }

@@ -327,3 +327,88 @@ async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
         recs.len()
     );
 }
+
+/// Several workers write `/dev/stdout` (one pipe, as in a container with `worker_processes
+/// auto`), read slowly: their writes must not interleave inside a line, whether records are
+/// written one by one (here through a second name of the same pipe) or from a buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_stdout_shared_by_several_workers_gets_whole_lines() {
+    use std::process::{Command, Stdio};
+    let echo = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let port = free_port();
+    let conf = main_conf(
+        4,
+        &format!(
+            "server {{ listen 127.0.0.1:{port} reuseport;\n\
+             location / {{ ws_log /proc/self/fd/1; ws_log_events open frame close;\n\
+             ws_log_payload 300; {p} }}\n\
+             location /buffered {{ ws_log /dev/stdout buffer=16k flush=100ms;\n\
+             ws_log_events open frame close;\n\
+             ws_log_payload 300; {p} }} }}",
+            p = proxy_to(echo.addr)
+        ),
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let mut child = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut b = [0u8; 1000];
+        loop {
+            match out.read(&mut b) {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => all.extend_from_slice(&b[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let url = format!(
+                "ws://127.0.0.1:{port}/{}",
+                if t % 2 == 0 { "" } else { "buffered" }
+            );
+            tokio::spawn(async move {
+                let mut ws = connect(&url).await;
+                for i in 0..150 {
+                    ws.send(Message::Text(format!("{t:02}-{i:04}{}", "z".repeat(290))))
+                        .await
+                        .unwrap();
+                    ws.next().await.unwrap().unwrap();
+                }
+                ws.close(None).await.unwrap();
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+    child.wait().unwrap();
+    let recs = whole_lines(&reader.join().unwrap());
+    assert!(
+        of_event(&recs, "frame").len() > 100,
+        "{} records",
+        recs.len()
+    );
+}

@@ -14,7 +14,7 @@ use IO::Socket::INET;
 use JSON::PP;
 use Time::HiRes qw/ time sleep /;
 
-use Test::Nginx qw/ port log_in log_out /;
+use NginxWs::Harness qw/ port log_in log_out /;
 
 our @EXPORT = qw/ module_loaded ws_frame ws_connect ws_send ws_read_frame ws_close_payload
 	ws_wait_closed ws_echo_daemon ws_records ws_wait_records backend_frames /;

@@ -16,8 +16,8 @@ use Time::HiRes qw/ time sleep /;
 
 use NginxWs::Harness qw/ port log_in log_out /;
 
-our @EXPORT = qw/ module_loaded ws_frame ws_connect ws_send ws_read_frame ws_close_payload
-	ws_wait_closed ws_echo_daemon ws_records ws_wait_records backend_frames /;
+our @EXPORT = qw/ module_loaded ws_frame ws_connect ws_request ws_send ws_read_frame
+	ws_close_payload ws_wait_closed ws_echo_daemon ws_records ws_wait_records backend_frames /;
 
 # True if TEST_NGINX_GLOBALS loads the nginx-ws module.
 sub module_loaded {
@@ -153,6 +153,54 @@ sub ws_connect {
 
 	${*$s}->{_ws_buf} = defined $rest ? $rest : '';
 	return $s;
+}
+
+# Sends an upgrade request for $uri to 127.0.0.1:port($port) with a valid key and version,
+# the headers in %h added (a value of undef leaves a default header out: Sec-WebSocket-Key,
+# Sec-WebSocket-Version, Connection), and reads the response head. Returns the status code,
+# the head, and the socket (after a 101: positioned at the first frame, for ws_read_frame).
+sub ws_request {
+	my ($port, $uri, %h) = @_;
+
+	my %default = (
+		'Connection' => 'Upgrade',
+		'Sec-WebSocket-Key' => 'dGhlIHNhbXBsZSBub25jZQ==',
+		'Sec-WebSocket-Version' => '13',
+	);
+	%h = (%default, %h);
+	my $method = delete $h{METHOD} || 'GET';
+
+	my $req = "$method $uri HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n";
+	for my $k (sort keys %h) {
+		$req .= "$k: $h{$k}\r\n" if defined $h{$k};
+	}
+	$req .= "\r\n";
+
+	my $s = IO::Socket::INET->new(
+		Proto => 'tcp',
+		PeerAddr => '127.0.0.1:' . port($port),
+	)
+		or die "Can't connect to nginx: $!\n";
+
+	local $SIG{PIPE} = 'IGNORE';
+	log_out($req);
+	$s->syswrite($req);
+
+	my $got = '';
+	$s->blocking(0);
+	while (IO::Select->new($s)->can_read(3)) {
+		my $n = $s->sysread(my $buf, 65536);
+		last unless $n;
+		log_in($buf);
+		$got .= $buf;
+		last if $got =~ /\x0d\x0a\x0d\x0a/;
+	}
+
+	my ($head, $rest) = split /\x0d\x0a\x0d\x0a/, $got, 2;
+	return (0, $got, $s) unless defined $head && $head =~ m!^HTTP/1\.1 (\d{3}) !;
+	my $status = $1;
+	${*$s}->{_ws_buf} = defined $rest ? $rest : '';
+	return ($status, $head, $s);
 }
 
 sub ws_send {

@@ -545,17 +545,32 @@ fn report(
             let empty = BTreeMap::new();
             let want = expected.runs.get(name).unwrap_or(&empty);
             let got = verdicts(&reports[name]);
+            let mut tolerated = 0;
             let diff: Vec<(String, String)> = sorted(got.keys())
                 .into_iter()
                 .filter_map(|id| match want.get(id) {
                     None => Some((id.clone(), format!("not expected, got {}", got[id]))),
                     Some(w) if *w != got[id] => {
+                        if name == "nginx-check-on" && timing_dependent(w, &got[id]) {
+                            tolerated += 1;
+                            return None;
+                        }
                         Some((id.clone(), format!("expected {w}, got {}", got[id])))
                     }
                     Some(_) => None,
                 })
                 .collect();
-            let _ = writeln!(s, "  {name}: {} of {} cases differ", diff.len(), got.len());
+            let _ = writeln!(
+                s,
+                "  {name}: {} of {} cases differ{}",
+                diff.len(),
+                got.len(),
+                if tolerated > 0 {
+                    format!(" ({tolerated} more between OK and NON-STRICT, not judged)")
+                } else {
+                    String::new()
+                }
+            );
             for (id, what) in &diff {
                 let _ = writeln!(s, "    {id:<8} {what}");
             }
@@ -577,9 +592,10 @@ fn report(
     for id in sorted(on_report.cases.keys()) {
         let e = &on_report.cases[id];
         let path = on_report.dir.join(&e.reportfile);
-        let case: Value = fs::read_to_string(&path)
+        // Wire logs in case reports may hold bytes that are not UTF-8.
+        let case: Value = fs::read(&path)
             .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|b| serde_json::from_str(&no_surrogates(&String::from_utf8_lossy(&b))).ok())
             .ok_or_else(|| Error::msg(format!("{}: not a case report", path.display())))?;
         let expects_1002 = case["expectedClose"]["closeCode"]
             .as_array()
@@ -644,6 +660,40 @@ fn report(
         }
     }
     Ok((s, !failures.is_empty()))
+}
+
+/// With ws_protocol_check on, whether the echo of the message before a violation arrives ahead
+/// of the proxy's Close depends on timing: such a case is OK in one run and NON-STRICT in the
+/// next (the measured runs had 9 and 10 NON-STRICT).
+fn timing_dependent(a: &Verdict, b: &Verdict) -> bool {
+    let loose = |v: &Verdict| v.behavior == "OK" || v.behavior == "NON-STRICT";
+    loose(a) && loose(b) && a.behavior_close == b.behavior_close
+}
+
+/// Autobahn writes the invalid UTF-8 of some cases as lone surrogate escapes (`\\ud800`),
+/// which serde_json refuses: they become U+FFFD.
+fn no_surrogates(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let esc = &rest[i..];
+        let hex = esc.get(2..6).and_then(|h| u16::from_str_radix(h, 16).ok());
+        match (esc.as_bytes().get(1), hex) {
+            (Some(b'u'), Some(0xd800..=0xdfff)) => {
+                out.push_str("\\ufffd");
+                rest = &esc[6..];
+            }
+            _ => {
+                // any other escape (an escaped backslash too) is kept as it is
+                let n = esc.chars().nth(1).map_or(1, |c| 1 + c.len_utf8());
+                out.push_str(&esc[..n]);
+                rest = &esc[n..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The error log (signals, levels), the frame log (JSON, open/close pairs) and the access log
@@ -837,6 +887,13 @@ mod tests {
                 ("3.1".to_owned(), "missing in b".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn lone_surrogates_become_replacement_characters() {
+        let json = r#"{"a": "x\ud800y\\ud800\u00e9\n"}"#;
+        let v: Value = serde_json::from_str(&no_surrogates(json)).unwrap();
+        assert_eq!(v["a"], "x\u{fffd}y\\ud800\u{e9}\n");
     }
 
     #[test]

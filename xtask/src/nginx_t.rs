@@ -34,9 +34,9 @@ pub fn main(args: &[String]) -> Result<(), Error> {
         let mut all: Vec<String> = std::fs::read_dir(root.join("tests/nginx"))
             .map_err(|e| Error::msg(format!("tests/nginx: {e}")))?
             .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "t"))
-            .map(|p| p.to_string_lossy().into_owned())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".t"))
+            .map(|name| format!("tests/nginx/{name}"))
             .collect();
         all.sort();
         files = all;

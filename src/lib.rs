@@ -5,35 +5,20 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-// Pure Rust, unit-tested by `cargo test`.
-pub mod flow;
-pub mod frame;
-pub mod observe;
-pub mod record;
-pub mod route;
-pub mod status;
+// The pure core, under the names the glue has always used.
+pub(crate) use ws_core::{flow, frame, lifecycle, observe, record, route};
 
-// The nginx-facing glue is left out of the unit-test binary, which cannot link nginx's symbols;
-// the integration tests in tests/ exercise it inside a real nginx.
-#[cfg(not(test))]
 pub mod conf;
-#[cfg(not(test))]
 mod drain;
-#[cfg(not(test))]
 pub mod gate;
-#[cfg(not(test))]
 mod http;
-#[cfg(not(test))]
 pub mod log;
-#[cfg(not(test))]
+pub mod status;
 pub mod tunnel;
-#[cfg(not(test))]
 pub mod variables;
-#[cfg(not(test))]
 pub use glue::{cycle_main_conf, loc_conf, main_conf, module, ngx_http_ws_module};
 
 /// Module statics, the HttpModule implementation and the header filter.
-#[cfg(not(test))]
 mod glue {
     use core::ffi::{c_char, c_void};
     use core::ptr;

@@ -26,6 +26,7 @@ use crate::conf::{events, LocConf};
 use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
 use crate::http::{addr_text, find_header, non_empty};
+use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
@@ -38,37 +39,12 @@ type SendFn = unsafe extern "C" fn(*mut ngx_connection_t, *mut u8, usize) -> isi
 type RecvFn = SendFn;
 type FinalizeFn = Option<unsafe extern "C" fn(*mut ngx_http_request_t, ngx_int_t)>;
 
-/// While the proxy waits for a blocked peer to take its Close, it retries this often.
-const RETRY_MSEC: ngx_msec_t = 100;
-/// Payload prefix of the proxy's own Pings.
-const PING_PREFIX: &str = "ngx-ws-ping-";
-
 /// How a finished tunnel ended.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     pub end: End,
     pub closed_by: From,
     pub duration_ms: u64,
-}
-
-/// The proxy is closing the tunnel.
-#[derive(Debug, Clone, Copy)]
-struct Closing {
-    since: ngx_msec_t,
-    end: End,
-    code: u16,
-    reason: &'static str,
-}
-
-/// The time directives in force for a tunnel (milliseconds, 0 = off).
-#[derive(Debug, Clone, Copy, Default)]
-struct Timers {
-    idle: ngx_msec_t,
-    lifetime: ngx_msec_t,
-    ping: ngx_msec_t,
-    pong: ngx_msec_t,
-    close: ngx_msec_t,
-    drain: ngx_msec_t,
 }
 
 /// Where records go and what they carry in common.
@@ -100,19 +76,12 @@ pub struct Tunnel {
     /// Upstream -> client: the upstream's frames, the proxy's frames to the client.
     pub to_client: Flow,
     rec: Recorder,
-    start: ngx_msec_t,
-    first_close: Option<From>,
+    /// Deadlines, the proxy's close handshake, end causes (pure: ws_core::lifecycle).
+    life: Lifecycle,
     pub subprotocol: Option<String>,
     pub outcome: Option<Outcome>,
-    timers: Timers,
-    last_data: ngx_msec_t,
-    last_client_rx: ngx_msec_t,
-    ping_sent: Option<ngx_msec_t>,
-    ping_seq: u32,
-    closing: Option<Closing>,
-    drain_at: Option<ngx_msec_t>,
     drain_index: Option<usize>,
-    tick: Tick,
+    tick: TickEvent,
     ending: bool,
     /// The proxy never writes in this tunnel and nothing reads its frames one by one (only
     /// counters, close records and variables): nginx's writes pass straight through and are
@@ -123,9 +92,9 @@ pub struct Tunnel {
 /// The tunnel's timer and posted event, allocated on first use: most tunnels never set a
 /// timer (no time directive) and never post (only the proxy's own close handshake does).
 #[derive(Default)]
-struct Tick(Option<Box<ngx_event_t>>);
+struct TickEvent(Option<Box<ngx_event_t>>);
 
-impl Tick {
+impl TickEvent {
     /// The event, created on first use for tunnel `t`, logging to `log`.
     fn event(&mut self, t: *mut Tunnel, log: *mut ngx::ffi::ngx_log_t) -> &mut ngx_event_t {
         self.0.get_or_insert_with(|| {
@@ -233,13 +202,15 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     };
     let now = now_msec();
     let timers = Timers {
-        idle: lcf.idle_timeout,
-        lifetime: lcf.max_lifetime,
-        ping: lcf.ping_interval,
-        pong: lcf.pong_timeout,
-        close: lcf.close_timeout,
-        drain: lcf.drain,
+        idle: lcf.idle_timeout as Msec,
+        lifetime: lcf.max_lifetime as Msec,
+        ping: lcf.ping_interval as Msec,
+        pong: lcf.pong_timeout as Msec,
+        close: lcf.close_timeout as Msec,
+        drain: lcf.drain as Msec,
     };
+    let tunnel_timed =
+        timers.idle > 0 || timers.lifetime > 0 || timers.ping > 0 || timers.drain > 0;
 
     let tunnel = Tunnel {
         r,
@@ -267,19 +238,11 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             payload: lcf.payload,
             stats: None,
         },
-        start: now,
-        first_close: None,
+        life: Lifecycle::new(timers, now as Msec),
         subprotocol: subprotocol.clone(),
         outcome: None,
-        timers,
-        last_data: now,
-        last_client_rx: now,
-        ping_sent: None,
-        ping_seq: 0,
-        closing: None,
-        drain_at: None,
         drain_index: None,
-        tick: Tick::default(),
+        tick: TickEvent::default(),
         ending: false,
         passive: false,
     };
@@ -291,13 +254,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     // Only time directives and the policy make the proxy write frames of its own (Pings,
     // Closes); without them it never closes a tunnel itself.
-    let proxy_writes = timers.idle > 0
-        || timers.lifetime > 0
-        || timers.ping > 0
-        || timers.drain > 0
-        || policy.max_frame > 0
-        || policy.max_message > 0
-        || policy.protocol_check;
+    let proxy_writes =
+        tunnel_timed || policy.max_frame > 0 || policy.max_message > 0 || policy.protocol_check;
     // SAFETY: the connections and upstream are live; the originals are kept in the tunnel,
     // which outlives both wrappers (they are restored in `finish`).
     unsafe {
@@ -331,7 +289,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     }
 
     t.passive = !proxy_writes && !t.rec.wants_events();
-    if t.timers.drain > 0 {
+    if t.life.timers().drain > 0 {
         let (index, started) = crate::drain::join(tp);
         t.drain_index = Some(index);
         if started {
@@ -582,6 +540,11 @@ unsafe fn recv_through(c: *mut ngx_connection_t, buf: *mut u8, size: usize, from
     // SAFETY: nginx's own recv with nginx's arguments.
     let n = unsafe { recv(c, buf, size) };
     if n == 0 && t.hold_eof(from) {
+        ngx_log_debug_http!(
+            t.request(),
+            "ws: end of stream from the {} held until the close reply",
+            from.as_str()
+        );
         // SAFETY: the read event of a live connection; as after EAGAIN, nothing is ready.
         unsafe {
             let rev = &mut *(*c).read;
@@ -829,25 +792,26 @@ impl Tunnel {
         let closed_now = !had_close && flow.obs.close_sent;
         let mid_data = flow.obs.in_data_frame();
         let violation = flow.violation.take();
+        let now = now as Msec;
         if let Sent::Consumed(n) = sent {
             if n > 0 && from == From::Client {
-                self.last_client_rx = now;
-                self.ping_sent = None;
+                self.life.client_bytes(now);
             }
         }
         if data_frame || mid_data {
-            self.last_data = now;
+            self.life.data(now);
         }
         if pong {
-            self.ping_sent = None;
+            self.life.pong();
         }
-        if closed_now && self.first_close.is_none() {
-            self.first_close = Some(from);
+        if closed_now {
+            ngx_log_debug_http!(self.request(), "ws: close from the {}", from.as_str());
+            self.life.peer_closed(from);
         }
         if let Some(v) = violation {
             self.refused(now, from, v);
         }
-        if self.closing.is_some() && self.handshake_done() {
+        if self.life.closing().is_some() && self.handshake().done() {
             // Never finalize inside send: nginx's copy loop still uses the request.
             self.post_tick();
         }
@@ -876,8 +840,8 @@ impl Tunnel {
         if n > 0 {
             let had_close = flow.obs.close_sent;
             flow.obs.count(&data[..(n as usize).min(data.len())]);
-            if !had_close && flow.obs.close_sent && self.first_close.is_none() {
-                self.first_close = Some(from);
+            if !had_close && flow.obs.close_sent {
+                self.life.peer_closed(from);
             }
         }
         n
@@ -903,40 +867,25 @@ impl Tunnel {
     /// Whether an end of stream from `from` must wait: the proxy is closing and the other
     /// peer, which is still connected, has not answered its Close yet.
     fn hold_eof(&self, from: From) -> bool {
-        if self.closing.is_none() || self.ending || self.handshake_done() {
-            return false;
-        }
-        match from {
-            // The client left: wait for the upstream's reply.
-            From::Client => !self.to_client.obs.close_sent,
-            _ => !self.to_upstream.obs.close_sent,
-        }
+        !self.ending && self.life.hold_eof(from, &self.handshake())
     }
 
-    /// Both Close frames went out and both peers answered with theirs.
-    fn handshake_done(&self) -> bool {
-        self.to_client.close_written
-            && self.to_upstream.close_written
-            && self.to_client.obs.close_sent
-            && self.to_upstream.obs.close_sent
-    }
-
-    /// The worker begins to shut down: schedules the tunnel's drain (`crate::drain`).
-    ///
-    /// # Safety
-    /// `t` must be a live tunnel that nothing borrows.
-    pub(crate) unsafe fn schedule_drain(t: *mut Tunnel, now: ngx_msec_t) {
-        // SAFETY: per the contract.
-        unsafe { (*t).drain_soon(now) };
+    /// Where the close frames stand in the two directions.
+    fn handshake(&self) -> Handshake {
+        Handshake {
+            to_client_written: self.to_client.close_written,
+            to_upstream_written: self.to_upstream.close_written,
+            client_closed: self.to_upstream.obs.close_sent,
+            upstream_closed: self.to_client.obs.close_sent,
+            pending: self.to_client.has_pending() || self.to_upstream.has_pending(),
+        }
     }
 
     fn drain_soon(&mut self, now: ngx_msec_t) {
-        if self.drain_at.is_some() || self.timers.drain == 0 {
-            return;
+        if self.life.drain_soon(now as Msec, ngx_random() as u64) {
+            ngx_log_debug_http!(self.request(), "ws: drain scheduled");
+            self.arm(now);
         }
-        let spread = ngx_random() as ngx_msec_t % self.timers.drain;
-        self.drain_at = Some(now + spread);
-        self.arm(now);
     }
 
     /// Sets the tick timer to the nearest deadline.
@@ -944,34 +893,10 @@ impl Tunnel {
         if self.ending || self.outcome.is_some() {
             return;
         }
-        let mut next: Option<ngx_msec_t> = None;
-        let mut at = |d: ngx_msec_t| next = Some(next.map_or(d, |n| n.min(d)));
-        if let Some(c) = self.closing {
-            at(c.since + self.timers.close);
-            if self.to_client.has_pending() || self.to_upstream.has_pending() {
-                at(now + RETRY_MSEC);
-            }
-        } else {
-            if self.timers.idle > 0 {
-                at(self.last_data + self.timers.idle);
-            }
-            if self.timers.lifetime > 0 {
-                at(self.start + self.timers.lifetime);
-            }
-            if self.timers.ping > 0 {
-                match self.ping_sent {
-                    Some(s) => at(s + self.timers.pong),
-                    None => at(self.last_client_rx + self.timers.ping),
-                }
-            }
-            if let Some(d) = self.drain_at {
-                at(d);
-            }
-        }
-        let Some(deadline) = next else {
+        let Some(deadline) = self.life.next_deadline(now as Msec, &self.handshake()) else {
             return;
         };
-        let delay = deadline.saturating_sub(now).max(1);
+        let delay = (deadline as ngx_msec_t).saturating_sub(now).max(1);
         let ev = self.tick_event();
         // SAFETY: the event lives as long as the tunnel; ngx_add_timer re-arms an armed event.
         unsafe { ngx_add_timer(ev, delay) };
@@ -984,60 +909,30 @@ impl Tunnel {
             return false;
         }
         let now = now_msec();
-        if let Some(c) = self.closing {
-            if self.handshake_done() || now.wrapping_sub(c.since) >= self.timers.close {
-                if !self.handshake_done() {
+        match self.life.on_tick(now as Msec, &self.handshake()) {
+            Tick::End { answered } => {
+                if !answered {
                     self.log_unanswered();
                 }
+                ngx_log_debug_http!(self.request(), "ws: timer ends the tunnel");
                 return true;
             }
-            self.flush_own();
-            self.arm(now);
-            return false;
-        }
-        let t = self.timers;
-        if t.lifetime > 0 && now.wrapping_sub(self.start) >= t.lifetime {
-            self.begin_close(now, End::MaxLifetime, 1001, "max lifetime");
-        } else if t.idle > 0 && now.wrapping_sub(self.last_data) >= t.idle {
-            self.begin_close(now, End::IdleTimeout, 1001, "idle timeout");
-        } else if self.drain_at.is_some_and(|d| now >= d) {
-            self.begin_close(now, End::Drain, 1012, "service restart");
-        } else if t.ping > 0 {
-            match self.ping_sent {
-                Some(s) if now.wrapping_sub(s) >= t.pong => {
-                    self.begin_close(now, End::PingTimeout, 1001, "ping timeout");
-                }
-                None if now.wrapping_sub(self.last_client_rx) >= t.ping => {
-                    self.send_ping(now);
-                }
-                _ => {}
+            Tick::Flush => self.flush_own(),
+            Tick::Close(order) => self.close(now, order),
+            Tick::Ping(payload) => {
+                ngx_log_debug_http!(self.request(), "ws: ping to the client");
+                self.to_upstream.watch_pong(payload.clone());
+                self.to_client.request_ping(payload);
+                self.flush_own();
             }
+            Tick::Wait => {}
         }
         self.arm(now);
         false
     }
 
-    fn send_ping(&mut self, now: ngx_msec_t) {
-        self.ping_seq = self.ping_seq.wrapping_add(1);
-        let payload = format!("{PING_PREFIX}{}", self.ping_seq).into_bytes();
-        self.to_upstream.watch_pong(payload.clone());
-        self.to_client.request_ping(payload);
-        self.ping_sent = Some(now);
-        self.flush_own();
-    }
-
-    /// The proxy closes the tunnel: Close to both peers at their next frame boundary.
-    fn begin_close(&mut self, now: ngx_msec_t, end: End, code: u16, reason: &'static str) {
-        self.close_both(now, end, (code, reason), (code, reason), (code, reason));
-    }
-
     /// A peer sent a frame the policy refused: the sender gets 1009/1002, the other peer 1001.
-    fn refused(&mut self, now: ngx_msec_t, from: From, v: Violation) {
-        let end = match v {
-            Violation::TooBig => End::TooBig,
-            Violation::Protocol => End::ProtocolError,
-        };
-        let (sender, peer) = (v.sender_close(), v.peer_close());
+    fn refused(&mut self, now: Msec, from: From, v: Violation) {
         // SAFETY: the client connection is live while the tunnel is.
         let log = unsafe { (*self.client_conn).log };
         ngx_log_error!(
@@ -1050,38 +945,36 @@ impl Tunnel {
             } else {
                 "ws_protocol_check"
             },
-            sender.0
+            v.sender_close().0
         );
-        match from {
-            From::Client => self.close_both(now, end, sender, peer, sender),
-            _ => self.close_both(now, end, peer, sender, sender),
+        if let Some(order) = self.life.refused(now, from, v) {
+            self.close(now as ngx_msec_t, order);
         }
     }
 
-    fn close_both(
-        &mut self,
-        now: ngx_msec_t,
-        end: End,
-        to_client: (u16, &'static str),
-        to_upstream: (u16, &'static str),
-        recorded: (u16, &'static str),
-    ) {
-        if self.closing.is_some() {
-            return;
-        }
-        self.closing = Some(Closing {
-            since: now,
-            end,
-            code: recorded.0,
-            reason: recorded.1,
-        });
-        self.to_client.request_close(to_client.0, to_client.1);
-        self.to_upstream.request_close(to_upstream.0, to_upstream.1);
+    /// The proxy closes the tunnel: Close to both peers at their next frame boundary.
+    fn close(&mut self, now: ngx_msec_t, order: CloseOrder) {
+        ngx_log_debug_http!(
+            self.request(),
+            "ws: closing, {} to the client, {} to the upstream",
+            order.to_client.0,
+            order.to_upstream.0
+        );
+        self.to_client
+            .request_close(order.to_client.0, order.to_client.1);
+        self.to_upstream
+            .request_close(order.to_upstream.0, order.to_upstream.1);
         self.flush_own();
-        if self.handshake_done() {
+        if self.handshake().done() {
             self.post_tick();
         }
         self.arm(now);
+    }
+
+    /// The request, for debug lines.
+    fn request(&self) -> &Request {
+        // SAFETY: the request is live while its tunnel (its context) is; only read.
+        crate::http::request(unsafe { &*self.r })
     }
 
     /// Writes what the proxy has pending in each direction, unless a write there must first be
@@ -1164,22 +1057,14 @@ impl Tunnel {
             },
             None => (false, false),
         };
-        let (end, closed_by) = if let Some(c) = self.closing {
-            (c.end, From::Proxy)
-        } else if let Some(first) = self.first_close {
-            (End::Normal, first)
-        } else if rc == NGX_HTTP_GATEWAY_TIME_OUT as ngx_int_t || upstream_timedout {
-            (End::UpstreamTimeout, From::Proxy)
-        } else if rc == NGX_HTTP_REQUEST_TIME_OUT as ngx_int_t {
-            (End::Error, From::Proxy)
-        } else if upstream_gone {
-            (End::UpstreamAbort, From::Upstream)
-        } else if client_gone {
-            (End::ClientAbort, From::Client)
-        } else {
-            (End::Error, From::Proxy)
-        };
-        let duration_ms = now_msec().wrapping_sub(self.start) as u64;
+        let (end, closed_by) = self.life.end(EndFacts {
+            upstream_timeout: rc == NGX_HTTP_GATEWAY_TIME_OUT as ngx_int_t || upstream_timedout,
+            client_timeout: rc == NGX_HTTP_REQUEST_TIME_OUT as ngx_int_t,
+            upstream_gone,
+            client_gone,
+        });
+        ngx_log_debug_http!(self.request(), "ws: tunnel ends: {}", end.as_str());
+        let duration_ms = self.duration_ms();
         self.outcome = Some(Outcome {
             end,
             closed_by,
@@ -1242,11 +1127,25 @@ impl Tunnel {
         };
         let sent = |d: &Direction| d.close_sent.then_some(d.close_code);
         let proxy = self
-            .closing
+            .life
+            .closing()
             .filter(|_| self.to_client.close_written || self.to_upstream.close_written)
             .map(|c| Some(c.code));
         let codes = [sent(self.client()), sent(self.upstream()), proxy];
         s.entry().closed(end, codes, duration_ms);
+    }
+
+    fn duration_ms(&self) -> u64 {
+        (now_msec() as Msec).wrapping_sub(self.life.start())
+    }
+
+    /// The worker begins to shut down: schedules the tunnel's drain (`crate::drain`).
+    ///
+    /// # Safety
+    /// `t` must be a live tunnel that nothing borrows.
+    pub(crate) unsafe fn schedule_drain(t: *mut Tunnel, now: ngx_msec_t) {
+        // SAFETY: per the contract.
+        unsafe { (*t).drain_soon(now) };
     }
 
     fn unregister_drain(&mut self) {
@@ -1262,7 +1161,7 @@ impl Tunnel {
     /// The close code and reason that ended the tunnel: the closing side's (the proxy's own
     /// when it closed).
     pub fn close_code_reason(&self) -> (Option<u16>, Option<&str>) {
-        if let Some(c) = self.closing {
+        if let Some(c) = self.life.closing() {
             return (Some(c.code), Some(c.reason));
         }
         let d = match self.outcome.map(|o| o.closed_by) {
@@ -1280,7 +1179,7 @@ impl Drop for Tunnel {
         self.tick.cancel();
         self.unregister_drain();
         // Never left counted as active, even if nginx did not finalize through us.
-        let duration_ms = now_msec().wrapping_sub(self.start) as u64;
+        let duration_ms = self.duration_ms();
         self.count_closed(End::Error, duration_ms);
     }
 }

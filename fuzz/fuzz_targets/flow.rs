@@ -1,6 +1,7 @@
-//! The flow shaper under any input, read split, write pattern, policy and injection moment:
-//! no panic, the output is whole frames, the peer frames in it are exactly the input's first
-//! frames, and a retry after "again" always repeats the same bytes.
+//! The flow shaper under any input, read split, write pattern (writes that return "again"
+//! included), policy and injection moment: no panic, the output is whole frames, the peer
+//! frames in it are exactly the input's first frames, none of them at or after the first frame
+//! the policy refuses, and a retry after "again" always repeats the same bytes.
 #![no_main]
 
 use std::cell::Cell;
@@ -8,7 +9,7 @@ use std::rc::Rc;
 
 use libfuzzer_sys::fuzz_target;
 use nginx_ws_fuzz::flow::{Event as FlowEvent, Flow, Policy, Sent, Sink, Write};
-use nginx_ws_fuzz::frame::{unmask, Event, Opcode, Parser};
+use nginx_ws_fuzz::frame::{unmask, Event, FrameHeader, Opcode, Parser};
 use nginx_ws_fuzz::observe::Capture;
 
 struct Conn {
@@ -39,15 +40,18 @@ impl Sink for Conn {
     }
 }
 
-/// Frames of a stream: (opcode, unmasked payload, end offset); only whole frames.
-fn frames(stream: &[u8]) -> (Vec<(Opcode, Vec<u8>, usize)>, bool) {
+/// Frames of a stream: (opcode, unmasked payload, end offset); only whole frames. Also the
+/// headers of all frames, the last one possibly partly there.
+fn frames(stream: &[u8]) -> (Vec<(Opcode, Vec<u8>, usize)>, bool, Vec<FrameHeader>) {
     let mut p = Parser::new();
     let mut out = Vec::new();
+    let mut headers = Vec::new();
     let mut pos = 0usize;
     let mut cur: Option<(Option<[u8; 4]>, Opcode, Vec<u8>)> = None;
     p.feed(stream, |ev| match ev {
         Event::Header(h) => {
             pos += usize::from(h.header_len);
+            headers.push(h);
             cur = Some((h.mask, h.opcode, Vec::new()))
         }
         Event::Payload { offset, data } => {
@@ -66,7 +70,44 @@ fn frames(stream: &[u8]) -> (Vec<(Opcode, Vec<u8>, usize)>, bool) {
             }
         }
     });
-    (out, p.at_boundary())
+    (out, p.at_boundary(), headers)
+}
+
+/// The index of the first frame the policy refuses (`headers.len()` when none), from RFC 6455
+/// and the policy's documented rules, not from the flow's code: a message size runs from a
+/// Text/Binary frame after a finished message (or the start) over every data frame up to the
+/// next FIN, whatever frames interrupt it.
+fn first_refused(headers: &[FrameHeader], p: &Policy) -> usize {
+    let (mut unfinished, mut counted) = (false, 0u64);
+    for (i, h) in headers.iter().enumerate() {
+        let starts = matches!(h.opcode, Opcode::Text | Opcode::Binary);
+        let data = starts || h.opcode == Opcode::Continuation;
+        let control = !data && !matches!(h.opcode, Opcode::Reserved(n) if n < 8);
+        let rsv = (u8::from(h.rsv1) << 2) | (u8::from(h.rsv2) << 1) | u8::from(h.rsv3);
+        let allowed = if starts { p.rsv_allowed } else { 0 };
+        let ext = usize::from(h.header_len) - 2 - if h.mask.is_some() { 4 } else { 0 };
+        let long_len =
+            (ext == 2 && h.len < 126) || (ext == 8 && (h.len < 65536 || h.len >> 63 == 1));
+        let base = if starts && !unfinished { 0 } else { counted };
+        let protocol = p.protocol_check
+            && (rsv & !allowed != 0
+                || matches!(h.opcode, Opcode::Reserved(_))
+                || (control && (h.len > 125 || !h.fin))
+                || (h.opcode == Opcode::Continuation && !unfinished)
+                || (starts && unfinished)
+                || (h.opcode == Opcode::Close && h.len == 1)
+                || long_len
+                || h.mask.is_some() != p.expect_masked);
+        let too_big = (p.max_frame > 0 && h.len > p.max_frame)
+            || (p.max_message > 0 && data && base.saturating_add(h.len) > p.max_message);
+        if protocol || too_big {
+            return i;
+        }
+        if data {
+            (unfinished, counted) = (!h.fin, base.saturating_add(h.len));
+        }
+    }
+    headers.len()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -81,7 +122,14 @@ fuzz_target!(|data: &[u8]| {
         expect_masked: head[2] & 2 == 2,
         rsv_allowed: head[3] & 7,
     };
-    let mut flow = Flow::new(Capture { payload: usize::from(head[4]), deflate: head[3] & 8 == 8 }, policy, u32::from(head[5]));
+    let mut flow = Flow::new(
+        Capture {
+            payload: usize::from(head[4]),
+            deflate: head[3] & 8 == 8,
+        },
+        policy,
+        u32::from(head[5]),
+    );
     if head[6] & 1 == 1 {
         flow.watch_pong(b"ngx-ws-ping-1".to_vec());
     }
@@ -128,23 +176,31 @@ fuzz_target!(|data: &[u8]| {
             panic!("no progress");
         }
     }
-    let (out, whole) = frames(&conn.out);
-    let (inp, input_whole) = frames(input);
+    let (out, whole, _) = frames(&conn.out);
+    let (inp, input_whole, headers) = frames(input);
+    let refused = first_refused(&headers, &policy);
     // Input that ends inside a frame may leave the output inside that frame; whole frames in
     // give whole frames out.
     assert!(whole || !input_whole, "output ends inside a frame");
     // Peer frames in the output are the input's frames in order, minus consumed pongs.
     let peer: Vec<_> = out.iter().filter(|f| !proxy_ends.contains(&f.2)).collect();
     let mut k = 0;
-    for f in &inp {
+    for (i, f) in inp.iter().enumerate() {
         if k == peer.len() {
             break;
         }
         if (f.0, &f.1) == (peer[k].0, &peer[k].1) {
+            assert!(
+                i < refused,
+                "a frame the policy refuses reached the connection"
+            );
             k += 1;
         } else {
             // Only a consumed pong may be missing.
-            assert!(f.0 == Opcode::Pong && f.1 == b"ngx-ws-ping-1", "unexpected frame in output");
+            assert!(
+                f.0 == Opcode::Pong && f.1 == b"ngx-ws-ping-1",
+                "unexpected frame in output"
+            );
         }
     }
     assert_eq!(k, peer.len(), "output has frames the input did not");

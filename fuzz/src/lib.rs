@@ -1,10 +1,3 @@
-//! The module's pure Rust parts, for fuzzing (same files as the module builds).
+//! The fuzz targets use the module's pure core crate as any dependent does.
 
-#[path = "../../src/flow.rs"]
-pub mod flow;
-#[path = "../../src/frame.rs"]
-pub mod frame;
-#[path = "../../src/observe.rs"]
-pub mod observe;
-#[path = "../../src/record.rs"]
-pub mod record;
+pub use ws_core::{flow, frame, observe, record};

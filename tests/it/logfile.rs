@@ -318,5 +318,12 @@ async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
     child.wait().unwrap();
     let recs = whole_lines(&reader.join().unwrap());
     assert_eq!(recs[0]["event"], "open");
-    assert_eq!(recs.last().unwrap()["event"], "close");
+    // A reader slower than the traffic loses records (counted), never line boundaries.
+    let errors = std::fs::read_to_string(dir.path().join("logs/error.log")).unwrap_or_default();
+    let complete = recs.len() == 202 && recs.last().unwrap()["event"] == "close";
+    assert!(
+        complete || errors.contains("log records dropped"),
+        "{} records, no drop logged",
+        recs.len()
+    );
 }

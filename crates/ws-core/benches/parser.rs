@@ -1,5 +1,5 @@
-//! Microbenchmarks of the pure frame parser (`src/frame.rs`) and of the per-direction observer
-//! built on it (`src/observe.rs`), the code every tunnel byte passes through.
+//! Microbenchmarks of the pure frame parser (`ws_core::frame`) and of the per-direction
+//! observer built on it (`ws_core::observe`), the code every tunnel byte passes through.
 //!
 //! Streams of masked client frames with 64 B, 1 KiB and 1 MiB payloads are fed three ways:
 //! whole (one call), in 4093-byte pieces (about one nginx buffer, odd so that headers straddle
@@ -12,16 +12,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-// The module crate links against nginx and cannot run here: compile its pure files directly
-// (as fuzz/src/lib.rs does).
-#[allow(dead_code)]
-#[path = "../src/frame.rs"]
-mod frame;
-#[allow(dead_code)]
-#[path = "../src/observe.rs"]
-mod observe;
-
-use frame::{encode_header, Event, FrameHeader, Opcode, Parser};
+use ws_core::frame::{encode_header, Event, FrameHeader, Opcode, Parser};
+use ws_core::observe;
 
 /// About this many wire bytes per stream, so that small frames are measured over many frames.
 const STREAM_BYTES: usize = 1 << 20;

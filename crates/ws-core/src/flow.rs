@@ -55,8 +55,9 @@ impl Policy {
         self.max_frame > 0 || self.max_message > 0 || self.protocol_check
     }
 
-    /// Judges a frame header against the policy, given the message in progress.
-    pub fn check(&self, h: &FrameHeader, msg: Option<(Opcode, u64)>) -> Option<Violation> {
+    /// Judges a frame header against the policy, given whether a message is in progress and
+    /// the size the frame adds to (see [`Direction::counted`]).
+    pub fn check(&self, h: &FrameHeader, in_message: bool, counted: u64) -> Option<Violation> {
         if self.protocol_check {
             let rsv = (u8::from(h.rsv1) << 2) | (u8::from(h.rsv2) << 1) | u8::from(h.rsv3);
             let allowed = match h.opcode {
@@ -66,9 +67,10 @@ impl Policy {
             let bad = rsv & !allowed != 0
                 || matches!(h.opcode, Opcode::Reserved(_))
                 || (h.opcode.is_control() && (h.len > 125 || !h.fin))
-                || (h.opcode == Opcode::Continuation && msg.is_none())
-                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && msg.is_some())
+                || (h.opcode == Opcode::Continuation && !in_message)
+                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && in_message)
                 || (h.opcode == Opcode::Close && h.len == 1)
+                || !h.length_encoding_valid()
                 || h.mask.is_some() != self.expect_masked;
             if bad {
                 return Some(Violation::Protocol);
@@ -77,14 +79,11 @@ impl Policy {
         if self.max_frame > 0 && h.len > self.max_frame {
             return Some(Violation::TooBig);
         }
-        if self.max_message > 0 && h.opcode.is_data() {
-            let before = match (h.opcode, msg) {
-                (Opcode::Continuation, Some((_, len))) => len,
-                _ => 0,
-            };
-            if before.saturating_add(h.len) > self.max_message {
-                return Some(Violation::TooBig);
-            }
+        if self.max_message > 0
+            && h.opcode.is_data()
+            && counted.saturating_add(h.len) > self.max_message
+        {
+            return Some(Violation::TooBig);
         }
         None
     }
@@ -458,8 +457,8 @@ impl Flow {
                 return Sent::Consumed(consumed);
             }
 
-            // Forward the peer's bytes, stopping at the frame end when an injection waits, but
-            // never retrying with fewer bytes than the write that returned "again".
+            // Forward the peer's bytes, stopping at the frame end when an injection waits or
+            // the next frame must be judged.
             let mut limit = rest.len();
             if self.wants_boundary() {
                 if let Some(left) = self.obs.until_known().or(judged) {
@@ -467,7 +466,15 @@ impl Flow {
                 }
             }
             if let Some(Src::Peer(min)) = self.retry {
-                limit = limit.max(min).min(rest.len());
+                // A write that returned "again" is retried with exactly its bytes: they were
+                // bounded when it was made (by a judged frame's end, which is not known here:
+                // the judging above was skipped). Bytes past them wait for their own boundary.
+                limit = if self.wants_boundary() {
+                    min
+                } else {
+                    limit.max(min)
+                };
+                limit = limit.min(rest.len());
             }
             match sink.write(&rest[..limit]) {
                 Write::Done(n) => {
@@ -574,7 +581,8 @@ impl Flow {
             Ok(h) => h,
             Err(need) => return Judge::NeedMore(need),
         };
-        if let Some(v) = self.policy.check(&h, self.obs.message_in_progress()) {
+        let in_message = self.obs.message_in_progress().is_some();
+        if let Some(v) = self.policy.check(&h, in_message, self.obs.counted(&h)) {
             return Judge::Violate(v);
         }
         let whole = u64::from(h.header_len).saturating_add(h.len);
@@ -673,7 +681,7 @@ enum Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::tests::build_frame;
+    use crate::frame::tests::{build_frame, header_with_ext};
     use crate::frame::{Event as FrameEvent, Parser};
     use proptest::prelude::*;
 
@@ -972,6 +980,78 @@ mod tests {
     }
 
     #[test]
+    fn message_limit_holds_for_broken_framing() {
+        // With ws_protocol_check off a lenient receiver may take any framing: none of it walks
+        // around a 100-byte message limit.
+        use Opcode::{Binary, Continuation as Cont, Text};
+        let m = Some([1, 2, 3, 4]);
+        let fr = |fin, op, n| build_frame(fin, op, m, &vec![b'a'; n], false);
+        let cases: Vec<(&str, Vec<Vec<u8>>, bool)> = vec![
+            (
+                "text interrupting an unfinished text",
+                vec![fr(false, Text, 60), fr(true, Text, 60)],
+                true,
+            ),
+            (
+                "binary interrupting a fragmented text",
+                vec![
+                    fr(false, Text, 30),
+                    fr(false, Cont, 30),
+                    fr(true, Binary, 41),
+                ],
+                true,
+            ),
+            (
+                "orphan continuations",
+                vec![fr(false, Cont, 60), fr(true, Cont, 60)],
+                true,
+            ),
+            (
+                "continuation after a finished message",
+                vec![fr(true, Text, 60), fr(true, Cont, 60)],
+                true,
+            ),
+            (
+                "finished messages, each within the limit",
+                vec![
+                    fr(true, Text, 100),
+                    fr(true, Binary, 100),
+                    fr(false, Text, 50),
+                    fr(true, Cont, 50),
+                ],
+                false,
+            ),
+            (
+                "a message after an orphan continuation counts from 0",
+                vec![fr(true, Cont, 60), fr(true, Text, 100)],
+                false,
+            ),
+        ];
+        for (name, frames, refused) in cases {
+            let s = frames.concat();
+            for reads in [vec![1], vec![s.len()]] {
+                let mut f = policy_flow(Policy {
+                    max_message: 100,
+                    expect_masked: true,
+                    ..Policy::default()
+                });
+                let mut c = Conn::new(vec![]);
+                drive(&mut f, &mut c, &s, &reads, |_, _| {});
+                if refused {
+                    assert_eq!(f.violation, Some(Violation::TooBig), "{name}");
+                    let fits = frames[..frames.len() - 1].concat();
+                    assert_eq!(&c.out[..fits.len()], &fits[..], "{name}");
+                    let out = frames_of(&c.out[fits.len()..]);
+                    assert_eq!(out.len(), 1, "{name}: only the Close follows");
+                    assert_eq!(out[0].0, Opcode::Close, "{name}");
+                } else {
+                    assert_eq!((f.violation, &c.out), (None, &s), "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn protocol_violations() {
         let check = Policy {
             protocol_check: true,
@@ -1018,6 +1098,20 @@ mod tests {
                 v.extend(build_frame(true, Opcode::Text, m, b"y", false));
                 v
             }),
+            ("16-bit length for 5 bytes", {
+                let mut v = header_with_ext(true, Opcode::Text, m, 5, 2);
+                v.extend_from_slice(b"hello");
+                v
+            }),
+            ("64-bit length for 200 bytes", {
+                let mut v = header_with_ext(true, Opcode::Binary, m, 200, 8);
+                v.extend_from_slice(&[0; 200]);
+                v
+            }),
+            (
+                "64-bit length with the top bit set",
+                header_with_ext(true, Opcode::Binary, m, 1 << 63, 8),
+            ),
         ];
         for (name, s) in cases {
             let mut f = policy_flow(check);
@@ -1027,6 +1121,18 @@ mod tests {
             let out = frames_of(&c.out);
             assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close), "{name}");
         }
+        // Without the check, a lenient peer's non-minimal length passes.
+        let lenient = header_with_ext(true, Opcode::Text, m, 5, 8)
+            .into_iter()
+            .chain(*b"hello")
+            .collect::<Vec<u8>>();
+        let mut f = policy_flow(Policy {
+            max_frame: 5,
+            ..Policy::default()
+        });
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &lenient, &[3], |_, _| {});
+        assert_eq!((f.violation, c.out), (None, lenient));
         // Negotiated permessage-deflate allows RSV1 on a message's first frame only.
         let deflate = Policy {
             rsv_allowed: 4,
@@ -1052,6 +1158,29 @@ mod tests {
             |_, _| {},
         );
         assert_eq!(f.violation, Some(Violation::Protocol));
+    }
+
+    #[test]
+    fn frames_after_a_blocked_write_are_still_judged() {
+        // One nginx buffer of 2000 bytes: a small frame, then an oversized one. The write of the
+        // small frame returns "again"; the retry must not carry the oversized frame out unjudged.
+        for masked in [true, false] {
+            let m = masked.then_some([1, 2, 3, 4]);
+            let mut s = build_frame(true, Opcode::Text, m, &[b'a'; 100], false);
+            let big = 2000 - s.len() - if masked { 8 } else { 4 };
+            s.extend(build_frame(true, Opcode::Binary, m, &vec![7u8; big], false));
+            assert_eq!(s.len(), 2000);
+            let mut f = policy_flow(Policy {
+                max_frame: 500,
+                expect_masked: masked,
+                ..Policy::default()
+            });
+            let mut c = Conn::new(vec![0, 1000]);
+            drive(&mut f, &mut c, &s, &[s.len()], |_, _| {});
+            let ops: Vec<Opcode> = frames_of(&c.out).iter().map(|o| o.0).collect();
+            assert_eq!(ops, [Opcode::Text, Opcode::Close], "masked {masked}");
+            assert_eq!(f.violation, Some(Violation::TooBig));
+        }
     }
 
     #[test]
@@ -1082,17 +1211,210 @@ mod tests {
         assert_eq!(frames_of(&c.out).len(), 6, "five fragments and the Close");
     }
 
+    /// A generated peer frame, as the model sees it (not parsed back from its bytes).
+    #[derive(Debug, Clone)]
+    struct Spec {
+        fin: bool,
+        rsv1: bool,
+        op: Opcode,
+        masked: bool,
+        /// Length written in more bytes than needed.
+        long_len: bool,
+        payload: Vec<u8>,
+    }
+
+    impl Spec {
+        fn bytes(&self) -> Vec<u8> {
+            let len = self.payload.len();
+            let ext = match (len, self.long_len) {
+                (0..=125, false) => 0,
+                (0..=125, true) | (126..=65535, false) => 2,
+                _ => 8,
+            };
+            let mask = self.masked.then_some([9, 8, 7, 6]);
+            let mut out = header_with_ext(self.fin, self.op, mask, len as u64, ext);
+            out[0] |= u8::from(self.rsv1) << 6;
+            let mut p = self.payload.clone();
+            if let Some(m) = mask {
+                unmask(&mut p, m, 0);
+            }
+            out.extend(p);
+            out
+        }
+    }
+
+    const PONG: &[u8] = b"ngx-ws-7";
+
+    /// Peer frames of any kind, mostly data frames with any FIN/opcode order, mostly masked as
+    /// the direction wants; payloads are lowercase letters, so no peer frame looks like one the
+    /// proxy injects.
+    fn arb_specs(masked: bool) -> impl Strategy<Value = Vec<Spec>> {
+        let op = prop_oneof![
+            4 => Just(Opcode::Text),
+            2 => Just(Opcode::Binary),
+            5 => Just(Opcode::Continuation),
+            1 => Just(Opcode::Ping),
+            2 => Just(Opcode::Pong),
+            1 => Just(Opcode::Close),
+            1 => Just(Opcode::Reserved(3)),
+        ];
+        let spec = (
+            (any::<bool>(), 0u8..20, op, 0u8..10, 0u8..10),
+            (b'a'..=b'z', 0usize..300, any::<bool>()),
+        )
+            .prop_map(
+                move |((fin, rsv, op, wrong_mask, long), (c, len, own_pong))| {
+                    let pong = op == Opcode::Pong && own_pong;
+                    Spec {
+                        fin: fin || pong,
+                        rsv1: rsv == 0,
+                        op,
+                        masked: masked != (wrong_mask == 0),
+                        long_len: long == 0,
+                        payload: if pong { PONG.to_vec() } else { vec![c; len] },
+                    }
+                },
+            );
+        proptest::collection::vec(spec, 1..12)
+    }
+
+    /// What the flow must forward of `frames`, written from RFC 6455 and the policy's
+    /// documented rules rather than from the flow's code: the frames before the first one the
+    /// policy refuses (minus the first Pong answering the proxy's Ping), and the refusal.
+    fn model(frames: &[Spec], p: &Policy, mut watch: bool) -> (Vec<Spec>, Option<Violation>) {
+        let mut out = Vec::new();
+        // An unfinished message (the last data frame had no FIN), and the size counted for
+        // the message limit.
+        let (mut unfinished, mut counted) = (false, 0u64);
+        for f in frames {
+            let len = f.payload.len() as u64;
+            let data = f.op.is_data();
+            let starts = matches!(f.op, Opcode::Text | Opcode::Binary);
+            let base = if starts && !unfinished { 0 } else { counted };
+            let protocol = p.protocol_check
+                && ((f.rsv1 && !(starts && p.rsv_allowed & 4 != 0))
+                    || matches!(f.op, Opcode::Reserved(_))
+                    || (f.op.is_control() && (len > 125 || !f.fin))
+                    || (f.op == Opcode::Continuation && !unfinished)
+                    || (starts && unfinished)
+                    || (f.op == Opcode::Close && len == 1)
+                    || f.long_len
+                    || f.masked != p.expect_masked);
+            let too_big = (p.max_frame > 0 && len > p.max_frame)
+                || (p.max_message > 0 && data && base + len > p.max_message);
+            if protocol {
+                return (out, Some(Violation::Protocol));
+            }
+            if too_big {
+                return (out, Some(Violation::TooBig));
+            }
+            if data {
+                (unfinished, counted) = (!f.fin, base + len);
+            }
+            if watch && f.op == Opcode::Pong && f.fin && f.payload == PONG {
+                watch = false;
+                continue;
+            }
+            out.push(f.clone());
+        }
+        (out, None)
+    }
+
+    fn arb_policy() -> impl Strategy<Value = Policy> {
+        (
+            prop_oneof![Just(0u64), 1u64..400],
+            prop_oneof![Just(0u64), 1u64..900],
+            any::<bool>(),
+            prop_oneof![Just(0u8), Just(4u8)],
+        )
+            .prop_map(
+                |(max_frame, max_message, protocol_check, rsv_allowed)| Policy {
+                    max_frame,
+                    max_message,
+                    protocol_check,
+                    rsv_allowed,
+                    expect_masked: false,
+                },
+            )
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-        /// With a frame limit, no read split or write pattern lets a byte of the oversized
-        /// frame through.
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any peer frames, in both directions, under any policy, read split and write pattern
+        /// (including writes that return "again"), with the proxy's Pong watch, Ping and Close
+        /// requests at any moment: the output is exactly the model's frames in order, the
+        /// proxy's Ping anywhere between them, and ends with the proxy's Close when the policy
+        /// refused a frame (the Close right after the frames before it) or a Close was
+        /// requested (after a prefix of them). No frame the policy refuses, and nothing after
+        /// it, ever reaches the connection.
+        #[test]
+        fn policy_holds_under_any_split(
+            client in any::<bool>(),
+            (specs, policy) in any::<bool>().prop_flat_map(|masked| (arb_specs(masked), arb_policy())),
+            watch in any::<bool>(),
+            reads in proptest::collection::vec(1usize..800, 1..6),
+            caps in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..700], 1..6),
+            close_at in 0usize..6000,
+            ping_at in 0usize..6000,
+        ) {
+            // The generated masking follows `client` only most of the time either way.
+            let policy = Policy { expect_masked: client, ..policy };
+            let s: Vec<u8> = specs.iter().flat_map(Spec::bytes).collect();
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
+            let mut f = Flow::new(Capture::default(), policy, if client { 7 } else { 0 });
+            if watch {
+                f.watch_pong(PONG.to_vec());
+            }
+            let mut c = Conn::new(caps);
+            drive(&mut f, &mut c, &s, &reads, |read, f| {
+                if read >= ping_at && read < ping_at + 800 { f.request_ping(b"proxy-ping".to_vec()); }
+                if read >= close_at { f.request_close(4000, "x"); }
+            });
+            let (want, refused) = model(&specs, &policy, watch);
+            let want: Vec<(Opcode, Vec<u8>, bool)> =
+                want.into_iter().map(|f| (f.op, f.payload, f.masked)).collect();
+            let mut out = frames_of(&c.out);
+            out.retain(|o| !(o.0 == Opcode::Ping && o.1 == b"proxy-ping"));
+            prop_assert!(out.iter().all(|o| o.2 == client || o.1 != b"proxy-ping"));
+            let close = match out.last() {
+                Some((Opcode::Close, p, m)) if p.starts_with(&4000u16.to_be_bytes())
+                    || p.starts_with(&1001u16.to_be_bytes()) => {
+                    prop_assert_eq!(*m, client, "the proxy masks toward the upstream only");
+                    out.pop().map(|c| c.1)
+                }
+                _ => None,
+            };
+            prop_assert!(out.len() <= want.len(), "more frames out than the model allows");
+            prop_assert_eq!(&out[..], &want[..out.len()]);
+            match close.as_deref().map(|p| &p[..2]) {
+                Some(code) if code == 1001u16.to_be_bytes() => {
+                    prop_assert!(refused.is_some());
+                    prop_assert_eq!(f.violation, refused);
+                    prop_assert_eq!(out.len(), want.len(), "all frames before the refused one");
+                }
+                Some(_) => {
+                    prop_assert!(close_at <= s.len(), "a Close nobody asked for");
+                    prop_assert_eq!(f.violation, None);
+                }
+                None => {
+                    prop_assert!(refused.is_none() && close_at > s.len(), "no Close");
+                    prop_assert_eq!(out.len(), want.len());
+                }
+            }
+        }
+
+        /// With a frame limit, no read split or write pattern (writes returning "again"
+        /// included) lets a byte of the oversized frame through.
         #[test]
         fn limits_hold_under_any_split(
             reads in proptest::collection::vec(1usize..2000, 1..6),
-            caps in proptest::collection::vec(1usize..2000, 1..6),
+            caps in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..2000], 1..6),
         ) {
             let s = stream();
             let mut f = policy_flow(Policy { max_frame: 500, expect_masked: true, ..Policy::default() });
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
             let mut c = Conn::new(caps);
             drive(&mut f, &mut c, &s, &reads, |_, _| {});
             let out = frames_of(&c.out);

@@ -79,6 +79,10 @@ pub struct Direction {
     /// Completed data frames (text, binary, continuation).
     pub data_frames: u64,
     msg: Option<InProgress>,
+    /// Payload bytes counted against the message size limit; see [`Direction::counted`].
+    counted: u64,
+    /// The last data frame did not have FIN: a message is unfinished.
+    unfinished: bool,
     /// Allocated when a Close frame or a captured payload first passes.
     kept: Option<Box<Kept>>,
 }
@@ -109,6 +113,23 @@ impl Direction {
     /// The data message in progress, if a fragmented one has started: its type and length so far.
     pub fn message_in_progress(&self) -> Option<(Opcode, u64)> {
         self.msg.as_ref().map(|m| (m.kind, m.len))
+    }
+
+    /// At a boundary, the size the data frame `h` adds to, for the message size limit.
+    ///
+    /// Well-formed framing gives the message's size so far. Broken framing (possible with
+    /// `ws_protocol_check off`) cannot walk around the limit: whatever a lenient receiver makes
+    /// of it, its messages are runs of data frames between two message starts, and the count
+    /// covers each run whole. The count goes back to 0 only at a Text or Binary frame that
+    /// follows a finished message (the last data frame had FIN) or opens the direction. A
+    /// Text or Binary frame inside an unfinished message carries that message's count on, and
+    /// a Continuation with no message before it carries on the count of the message before it
+    /// (0 at the start).
+    pub fn counted(&self, h: &FrameHeader) -> u64 {
+        match h.opcode {
+            Opcode::Text | Opcode::Binary if !self.unfinished => 0,
+            _ => self.counted,
+        }
     }
 
     /// Whether a data frame's payload is passing right now.
@@ -185,6 +206,7 @@ impl Direction {
         }
         match h.opcode {
             Opcode::Text | Opcode::Binary => {
+                self.counted = self.counted(h);
                 self.msg = Some(InProgress {
                     kind: h.opcode,
                     len: 0,
@@ -214,6 +236,7 @@ impl Direction {
         if !h.opcode.is_data() {
             return;
         }
+        self.counted += data.len() as u64;
         let Some(m) = self.msg.as_mut() else { return };
         m.len += data.len() as u64;
         if cap.payload == 0 || m.compressed {
@@ -243,6 +266,7 @@ impl Direction {
         self.frames += 1;
         if h.opcode.is_data() {
             self.data_frames += 1;
+            self.unfinished = !h.fin;
         }
         let (mut close_code, mut close_reason) = (None, None);
         if h.opcode == Opcode::Close {

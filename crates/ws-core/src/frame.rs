@@ -101,6 +101,17 @@ impl FrameHeader {
             header_len: 0,
         }
     }
+
+    /// Whether a parsed header encoded its payload length as RFC 6455 5.2 requires: in the
+    /// fewest bytes that hold it, and a 64-bit length with its most significant bit 0.
+    pub fn length_encoding_valid(&self) -> bool {
+        let mask = if self.mask.is_some() { 4 } else { 0 };
+        match self.header_len.saturating_sub(2 + mask) {
+            2 => self.len >= 126,
+            8 => self.len > u64::from(u16::MAX) && self.len >> 63 == 0,
+            _ => true,
+        }
+    }
 }
 
 /// What the parser reports while it is fed.
@@ -417,6 +428,69 @@ pub(crate) mod tests {
         }
         out.extend_from_slice(&p);
         out
+    }
+
+    /// A frame header whose length takes `ext` extra bytes (0, 2 or 8) whatever it is: lets
+    /// tests write non-minimal encodings.
+    pub fn header_with_ext(
+        fin: bool,
+        opcode: Opcode,
+        mask: Option<[u8; 4]>,
+        len: u64,
+        ext: usize,
+    ) -> Vec<u8> {
+        let mut out = vec![(u8::from(fin) << 7) | opcode.as_u8()];
+        let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+        match ext {
+            0 => out.push(mask_bit | len as u8),
+            2 => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        if let Some(m) = mask {
+            out.extend_from_slice(&m);
+        }
+        out
+    }
+
+    #[test]
+    fn length_encodings() {
+        let cases = [
+            (0, 0, true),
+            (125, 0, true),
+            (0, 2, false),
+            (125, 2, false),
+            (126, 2, true),
+            (65535, 2, true),
+            (65535, 8, false),
+            (0, 8, false),
+            (65536, 8, true),
+            (1 << 62, 8, true),
+            (1 << 63, 8, false),
+            (u64::MAX, 8, false),
+        ];
+        for mask in [None, Some([1, 2, 3, 4])] {
+            for (len, ext, ok) in cases {
+                let b = header_with_ext(true, Opcode::Binary, mask, len, ext);
+                let h = peek_header(&b).unwrap();
+                assert_eq!(h.len, len);
+                assert_eq!(
+                    h.length_encoding_valid(),
+                    ok,
+                    "{len} in {ext} bytes, {mask:?}"
+                );
+            }
+        }
+        // What the proxy encodes itself is minimal.
+        for len in [0, 125, 126, 65535, 65536, 1 << 40] {
+            let (b, n) = encode_header(&FrameHeader::single(Opcode::Binary, None, len));
+            assert!(peek_header(&b[..n]).unwrap().length_encoding_valid());
+        }
     }
 
     /// What a parser saw: headers and unmasked payloads, frame by frame.

@@ -201,21 +201,27 @@ sub reload {
 	return $self;
 }
 
+# Waits up to $secs seconds for the child $pid to exit, then sends it $signal and waits.
+sub reap {
+	my ($pid, $secs, $signal) = @_;
+	my $deadline = time() + $secs;
+	while (waitpid($pid, WNOHANG) == 0) {
+		if (time() > $deadline) {
+			kill $signal, $pid;
+			waitpid($pid, 0);
+			return;
+		}
+		sleep 0.05;
+	}
+}
+
 # Graceful stop (QUIT), as nginx -s quit; TERM after 90 seconds.
 sub stop {
 	my ($self) = @_;
 	my $pid = delete $self->{nginx} or return $self;
 
 	kill 'QUIT', $self->master_pid();
-	my $deadline = time() + 90;
-	while (waitpid($pid, WNOHANG) == 0) {
-		if (time() > $deadline) {
-			kill 'TERM', $pid;
-			waitpid($pid, 0);
-			last;
-		}
-		sleep 0.05;
-	}
+	reap($pid, 90, 'TERM');
 	return $self;
 }
 
@@ -241,15 +247,7 @@ sub stop_daemons {
 	my ($self) = @_;
 	while (my $pid = shift @{$self->{daemons}}) {
 		kill 'TERM', $pid;
-		my $deadline = time() + 5;
-		while (waitpid($pid, WNOHANG) == 0) {
-			if (time() > $deadline) {
-				kill 'KILL', $pid;
-				waitpid($pid, 0);
-				last;
-			}
-			sleep 0.05;
-		}
+		reap($pid, 5, 'KILL');
 	}
 	return $self;
 }

@@ -933,18 +933,30 @@ impl Tunnel {
     fn refused(&mut self, now: Msec, from: From, v: Violation) {
         // SAFETY: the client connection is live while the tunnel is.
         let log = unsafe { (*self.client_conn).log };
-        ngx_log_error!(
-            NGX_LOG_INFO,
-            log,
-            "ws: {} sent a frame refused by {}, closing with {}",
-            from.as_str(),
-            if v == Violation::TooBig {
-                "a size limit"
-            } else {
-                "ws_protocol_check"
-            },
-            v.sender_close().0
-        );
+        match v {
+            Violation::TooBig => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent a frame over a size limit, closing with {}",
+                    from.as_str(),
+                    v.sender_close().0
+                );
+            }
+            Violation::Protocol(rule) => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent a frame refused by ws_protocol_check: {}, closing with {}",
+                    from.as_str(),
+                    rule.describe(),
+                    v.sender_close().0
+                );
+                if let Some(s) = self.rec.stats {
+                    s.entry().violation(from, rule);
+                }
+            }
+        }
         if let Some(order) = self.life.refused(now, from, v) {
             self.close(now as ngx_msec_t, order);
         }

@@ -256,6 +256,8 @@ pub struct LocConf {
     /// Size limits in bytes; 0 is off.
     pub max_frame: usize,
     pub max_message: usize,
+    /// `ws_max_inflated_size`: largest uncompressed size of a compressed message; 0 is off.
+    pub max_inflated: usize,
     /// `ws_protocol_check`: 0 off, 1 on, unset.
     pub protocol_check: usize,
     /// `ws_route` rules of the nearest scope that has any (`None`: no routing here).
@@ -282,6 +284,7 @@ impl Default for LocConf {
             drain: MSEC_UNSET,
             max_frame: NGX_CONF_UNSET_SIZE,
             max_message: NGX_CONF_UNSET_SIZE,
+            max_inflated: NGX_CONF_UNSET_SIZE,
             protocol_check: NGX_CONF_UNSET_SIZE,
             routes: None,
             origins: None,
@@ -315,6 +318,7 @@ impl LocConf {
             || self.drain > 0
             || self.max_frame > 0
             || self.max_message > 0
+            || self.max_inflated > 0
             || self.protocol_check == 1
     }
 
@@ -354,6 +358,7 @@ impl Merge for LocConf {
         for (v, p) in [
             (&mut self.max_frame, prev.max_frame),
             (&mut self.max_message, prev.max_message),
+            (&mut self.max_inflated, prev.max_inflated),
             (&mut self.protocol_check, prev.protocol_check),
         ] {
             if *v == NGX_CONF_UNSET_SIZE {
@@ -877,6 +882,7 @@ extern "C" fn ngx_http_ws_set_limit(
     let r = (|| {
         let (directive, field) = match a[0].as_bytes() {
             b"ws_max_frame_size" => ("ws_max_frame_size", &mut lcf.max_frame),
+            b"ws_max_inflated_size" => ("ws_max_inflated_size", &mut lcf.max_inflated),
             _ => ("ws_max_message_size", &mut lcf.max_message),
         };
         if *field != NGX_CONF_UNSET_SIZE {
@@ -957,7 +963,7 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
 const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 const SRV_LOC: ngx_uint_t = (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
 
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 18] = [
+pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("ws_log"),
         type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
@@ -1064,6 +1070,14 @@ pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 18] = [
     },
     ngx_command_t {
         name: ngx_string!("ws_max_message_size"),
+        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_http_ws_set_limit),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("ws_max_inflated_size"),
         type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
         set: Some(ngx_http_ws_set_limit),
         conf: NGX_HTTP_LOC_CONF_OFFSET,

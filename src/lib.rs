@@ -6,7 +6,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // The pure core, under the names the glue has always used.
-pub(crate) use ws_core::{flow, frame, lifecycle, observe, record, route};
+pub(crate) use ws_core::{flow, frame, inflate, lifecycle, observe, record, route};
 
 pub mod conf;
 mod drain;

@@ -121,6 +121,7 @@ fuzz_target!(|data: &[u8]| {
         protocol_check: head[2] & 1 == 1,
         expect_masked: head[2] & 2 == 2,
         rsv_allowed: head[3] & 7,
+        max_inflated: 0,
     };
     let mut flow = Flow::new(
         Capture {

@@ -66,6 +66,8 @@ fuzz_target!(|data: &[u8]| {
         compressed: false,
         payload: Some(p),
         payload_truncated: Some(truncated),
+        inflated_len: Some(payload.len() as u64),
+        inflate_error: Some(&reason),
     };
     out.clear();
     m.write_line(&mut out).unwrap();

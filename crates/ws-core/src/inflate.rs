@@ -357,7 +357,7 @@ impl Inflater {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::{Compress, Compression, FlushCompress};
     use proptest::prelude::*;

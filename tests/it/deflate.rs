@@ -419,3 +419,111 @@ async fn deflate_bomb() {
     let st = crate::metrics::status_json(ngx.port).await;
     assert!(st.to_string().contains("\"too_big\":2"), "{st}");
 }
+
+/// The case users hit: a real browser (headless Chromium) loads a page served by the same
+/// nginx over `wss://` with a self-signed certificate and talks to a compressing Python
+/// backend (Python `websockets` with its default settings: 12-bit windows); Chromium offers
+/// permessage-deflate on its own. The log shows every payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflate_browser() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = server(json!({"websockets_default": true})).await;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen");
+    let port = crate::harness::free_port();
+    // Texts the page sends (and gets back): short, across the prefix, long; one binary.
+    let page = format!(
+        r#"<!doctype html><html><body><pre id="out">waiting</pre><script>
+const texts = ["hello from the browser", "abc ".repeat(100), "browser ".repeat(2000)];
+const ws = new WebSocket("wss://127.0.0.1:{port}/ws");
+ws.binaryType = "arraybuffer";
+let got = 0;
+ws.onopen = () => {{
+  for (const t of texts) ws.send(t);
+  ws.send(new Uint8Array(600).map((_, i) => i % 7));
+}};
+ws.onmessage = () => {{
+  if (++got === texts.length + 1) {{
+    document.getElementById("out").textContent = "done " + ws.extensions;
+    ws.close(1000, "bye");
+  }}
+}};
+</script></body></html>"#
+    );
+    let conf = crate::harness::main_conf(
+        1,
+        &format!(
+            "server {{ listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate certs/server.crt; ssl_certificate_key certs/server.key;\n\
+             root html;\n\
+             location / {{ }}\n{} }}",
+            location("/ws", s.port, "")
+        ),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rel, text) in [
+        ("certs/server.crt", ck.cert.pem()),
+        ("certs/server.key", ck.key_pair.serialize_pem()),
+        ("html/page.html", page),
+    ] {
+        let p = dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    // Workers may run as nobody: the document root must be readable for them.
+    for d in [dir.path().to_path_buf(), dir.path().join("html")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ngx = Nginx::spawn_in(dir, &conf, port);
+    let profile = tempfile::tempdir().expect("profile dir");
+    let browser = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--ignore-certificate-errors",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("https://127.0.0.1:{port}/page.html"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), browser)
+        .await
+        .expect("chromium finished")
+        .expect("chromium (scripts/test installs Debian's chromium)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // The page may be cut short by the virtual time budget: the log is what counts.
+    let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
+    let open = of_event(&recs, "open")[0];
+    assert!(
+        open["extensions"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("permessage-deflate"),
+        "{open} {dom}"
+    );
+    eprintln!("chromium negotiated: {}", open["extensions"]);
+    let texts = [
+        "hello from the browser".to_string(),
+        "abc ".repeat(100),
+        "browser ".repeat(2000),
+    ];
+    let mut sent: Vec<Value> = texts
+        .iter()
+        .map(|t| json!({"kind": "text", "b64": b64(t.as_bytes())}))
+        .collect();
+    let bin: Vec<u8> = (0..600).map(|i| (i % 7) as u8).collect();
+    sent.push(json!({"kind": "binary", "b64": b64(&bin)}));
+    let all: Vec<&Value> = recs.iter().collect();
+    check_messages(&all, "client", &sent, true, "chromium");
+    check_messages(&all, "upstream", &sent, true, "chromium");
+}

@@ -2,7 +2,8 @@
 """WebSocket peers with permessage-deflate for tests/it/deflate.rs (Python `websockets`).
 
     deflate_peer.py server '{"server_no_context_takeover": true, ...}'
-        An echo server compressing with those ServerPerMessageDeflateFactory parameters (or,
+        An echo server compressing with those ServerPerMessageDeflateFactory parameters
+        ("websockets_default": true for the library's defaults) (or,
         with "raw_extension": "x-foo", a raw server that answers the 101 with that extension
         and echoes every frame as it came, unmasked). Prints its port, then one line per
         connection: {"close_code": ...}.
@@ -72,10 +73,14 @@ def server(cfg):
             pass
         print(json.dumps({"close_code": ws.close_code}), flush=True)
 
+    # "websockets_default": websockets' own permessage-deflate settings (12-bit windows).
+    if cfg.pop("websockets_default", False):
+        kw = {}
+    else:
+        kw = {"extensions": [ServerPerMessageDeflateFactory(**cfg)], "compression": None}
+
     async def main():
-        ext = ServerPerMessageDeflateFactory(**cfg)
-        async with serve(echo, "127.0.0.1", 0, extensions=[ext], compression=None,
-                         max_size=None) as srv:
+        async with serve(echo, "127.0.0.1", 0, max_size=None, **kw) as srv:
             print(srv.sockets[0].getsockname()[1], flush=True)
             await asyncio.Future()
 

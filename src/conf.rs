@@ -5,20 +5,19 @@ use core::ptr::{self, NonNull};
 
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_http_get_variable_index, ngx_int_t,
-    ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_2MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2, NGX_ERROR,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    ngx_command_t, ngx_conf_open_file, ngx_conf_t, ngx_flag_t, ngx_http_get_variable_index,
+    ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shm_zone_t, ngx_str_t, ngx_uint_t,
+    NGX_ERROR, NGX_LOG_EMERG,
 };
-use ngx::http::{Merge, MergeConfigError};
+use ngx::http::{HttpModuleConfExt, Merge, MergeConfigError, Request};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::log::LogFile;
 use crate::route::{self, OriginRule, OriginSpec, Origins, Routes, Rule, RuleSpec};
+use ws_core::status::Table;
 
-/// nginx's `NGX_CONF_UNSET_SIZE`.
-const NGX_CONF_UNSET_SIZE: usize = usize::MAX;
+/// nginx's `NGX_CONF_UNSET`.
+const NGX_CONF_UNSET: ngx_flag_t = -1;
 
 /// Largest `ws_log_payload`.
 pub const MAX_PAYLOAD_CAPTURE: usize = 64 * 1024;
@@ -66,8 +65,13 @@ pub enum ConfError {
     ZoneTooSmall { name: String, min_k: usize },
     #[error("\"ws_status\" needs a \"ws_status_zone\" in the http block")]
     StatusNeedsZone,
+    #[error("\"{0}\" directive is not inside http{{}}")]
+    NoMainConf(&'static str),
     #[error("out of memory")]
     NoMemory,
+    /// nginx has already logged why.
+    #[error("")]
+    Reported,
 }
 
 /// Which records `ws_log` writes.
@@ -92,10 +96,8 @@ pub mod events {
 }
 
 /// `ws_log` in one scope.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogTarget {
-    #[default]
-    Unset,
     Off,
     File(NonNull<LogFile>),
 }
@@ -109,7 +111,7 @@ pub struct MainConf {
     /// Some scope has `ws_drain`: workers watch for their graceful shutdown.
     pub drain_used: bool,
     /// `ws_status_zone`.
-    pub status: crate::status::StatusConf,
+    pub status: StatusConf,
     /// Some scope has `ws_route`, `ws_allow_origin` or `ws_handshake strict`: the request gate
     /// (a preaccess phase handler) is installed.
     pub gate_used: bool,
@@ -138,8 +140,54 @@ impl Default for MainConf {
             route_upstreams: Vec::new(),
             route_index: NGX_ERROR as ngx_int_t,
             upstream_index: NGX_ERROR as ngx_int_t,
-            status: crate::status::StatusConf::default(),
+            status: StatusConf::default(),
         }
+    }
+}
+
+/// `ws_status` output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Prometheus,
+}
+
+impl Format {
+    pub fn parse(v: &[u8]) -> Option<Format> {
+        match v {
+            b"json" => Some(Format::Json),
+            b"prometheus" => Some(Format::Prometheus),
+            _ => None,
+        }
+    }
+}
+
+/// The `ws_status_zone` of one configuration.
+#[derive(Debug)]
+pub struct StatusConf {
+    pub zone: *mut ngx_shm_zone_t,
+    pub name: String,
+    /// Set by the zone's init callback, in the master, before the workers start.
+    pub table: Option<Table>,
+    /// Some location has `ws_status`.
+    pub handler_used: bool,
+}
+
+impl Default for StatusConf {
+    fn default() -> Self {
+        StatusConf {
+            zone: ptr::null_mut(),
+            name: String::new(),
+            table: None,
+            handler_used: false,
+        }
+    }
+}
+
+impl StatusConf {
+    /// Whether a `ws_status_zone` is configured: every WebSocket tunnel is then counted.
+    pub fn enabled(&self) -> bool {
+        !self.zone.is_null()
     }
 }
 
@@ -237,55 +285,56 @@ unsafe fn compile_regex(
     Err(ConfError::NoPcre(directive))
 }
 
-/// A time directive's value: unset, `off` (0) or milliseconds.
-pub const MSEC_UNSET: ngx_msec_t = ngx_msec_t::MAX;
-
+/// The `ws_*` directives of one scope. `None` is "not set here"; after `Merge::merge` every
+/// field but `routes`, `origins` and `status` is set (to the scope's own value, the enclosing
+/// scope's, or the default), and the accessors read them.
 #[derive(Debug)]
 pub struct LocConf {
-    pub log: LogTarget,
-    /// Bit set of [`events`]; `u32::MAX` while unset.
-    pub events: u32,
-    pub payload: usize,
-    /// Times in milliseconds; 0 is off.
-    pub idle_timeout: ngx_msec_t,
-    pub max_lifetime: ngx_msec_t,
-    pub ping_interval: ngx_msec_t,
-    pub pong_timeout: ngx_msec_t,
-    pub close_timeout: ngx_msec_t,
-    pub drain: ngx_msec_t,
-    /// Size limits in bytes; 0 is off.
-    pub max_frame: usize,
-    pub max_message: usize,
-    /// `ws_max_inflated_size`: largest uncompressed size of a compressed message; 0 is off.
-    pub max_inflated: usize,
-    /// `ws_protocol_check`: 0 off, 1 on, unset.
-    pub protocol_check: usize,
+    pub log: Option<LogTarget>,
+    /// Bit set of [`events`].
+    pub events: Option<u32>,
+    pub payload: Option<usize>,
+    /// Times in milliseconds; `Some(0)` is `off`. Set through `cmd->offset`.
+    pub idle_timeout: Option<ngx_msec_t>,
+    pub max_lifetime: Option<ngx_msec_t>,
+    pub ping_interval: Option<ngx_msec_t>,
+    pub pong_timeout: Option<ngx_msec_t>,
+    pub close_timeout: Option<ngx_msec_t>,
+    pub drain: Option<ngx_msec_t>,
+    /// Size limits in bytes; `Some(0)` is `off`. Set through `cmd->offset`.
+    pub max_frame: Option<usize>,
+    pub max_message: Option<usize>,
+    /// `ws_max_inflated_size`: largest uncompressed message; `Some(0)` is `off`.
+    pub max_inflated: Option<usize>,
+    /// `ws_protocol_check`, set by nginx's own `ngx_conf_set_flag_slot`, which wants an
+    /// `ngx_flag_t` starting at `NGX_CONF_UNSET` (the one field that keeps nginx's convention).
+    pub protocol_check: ngx_flag_t,
     /// `ws_route` rules of the nearest scope that has any (`None`: no routing here).
     pub routes: Option<Routes<NgxRegex>>,
     /// `ws_allow_origin` (`None`: any origin).
     pub origins: Option<Origins<NgxRegex>>,
-    /// `ws_handshake strict` (`None` while unset).
     pub handshake_strict: Option<bool>,
     /// `ws_status` in this location (not inherited: it sets the content handler).
-    pub status: Option<crate::status::Format>,
+    pub status: Option<Format>,
 }
 
+/// A new configuration (create_loc_conf): everything unset.
 impl Default for LocConf {
     fn default() -> Self {
         LocConf {
-            log: LogTarget::Unset,
-            events: u32::MAX,
-            payload: NGX_CONF_UNSET_SIZE,
-            idle_timeout: MSEC_UNSET,
-            max_lifetime: MSEC_UNSET,
-            ping_interval: MSEC_UNSET,
-            pong_timeout: MSEC_UNSET,
-            close_timeout: MSEC_UNSET,
-            drain: MSEC_UNSET,
-            max_frame: NGX_CONF_UNSET_SIZE,
-            max_message: NGX_CONF_UNSET_SIZE,
-            max_inflated: NGX_CONF_UNSET_SIZE,
-            protocol_check: NGX_CONF_UNSET_SIZE,
+            log: None,
+            events: None,
+            payload: None,
+            idle_timeout: None,
+            max_lifetime: None,
+            ping_interval: None,
+            pong_timeout: None,
+            close_timeout: None,
+            drain: None,
+            max_frame: None,
+            max_message: None,
+            max_inflated: None,
+            protocol_check: NGX_CONF_UNSET,
             routes: None,
             origins: None,
             handshake_strict: None,
@@ -294,32 +343,78 @@ impl Default for LocConf {
     }
 }
 
-fn merge_msec(v: &mut ngx_msec_t, prev: ngx_msec_t, default: ngx_msec_t) {
-    if *v == MSEC_UNSET {
-        *v = if prev == MSEC_UNSET { default } else { prev };
-    }
-}
+/// Defaults of the directives that have one besides off.
+const PONG_TIMEOUT_DEFAULT: ngx_msec_t = 10_000;
+const CLOSE_TIMEOUT_DEFAULT: ngx_msec_t = 5_000;
 
 impl LocConf {
     /// The log file records go to, if logging is on here.
     pub fn log_file(&self) -> Option<NonNull<LogFile>> {
         match self.log {
-            LogTarget::File(f) => Some(f),
+            Some(LogTarget::File(f)) => Some(f),
             _ => None,
         }
+    }
+
+    pub fn events(&self) -> u32 {
+        self.events.unwrap_or(events::DEFAULT)
+    }
+
+    pub fn payload(&self) -> usize {
+        self.payload.unwrap_or(0)
+    }
+
+    pub fn idle_timeout(&self) -> ngx_msec_t {
+        self.idle_timeout.unwrap_or(0)
+    }
+
+    pub fn max_lifetime(&self) -> ngx_msec_t {
+        self.max_lifetime.unwrap_or(0)
+    }
+
+    pub fn ping_interval(&self) -> ngx_msec_t {
+        self.ping_interval.unwrap_or(0)
+    }
+
+    pub fn pong_timeout(&self) -> ngx_msec_t {
+        self.pong_timeout.unwrap_or(PONG_TIMEOUT_DEFAULT)
+    }
+
+    pub fn close_timeout(&self) -> ngx_msec_t {
+        self.close_timeout.unwrap_or(CLOSE_TIMEOUT_DEFAULT)
+    }
+
+    pub fn drain(&self) -> ngx_msec_t {
+        self.drain.unwrap_or(0)
+    }
+
+    pub fn max_frame(&self) -> usize {
+        self.max_frame.unwrap_or(0)
+    }
+
+    pub fn max_message(&self) -> usize {
+        self.max_message.unwrap_or(0)
+    }
+
+    pub fn max_inflated(&self) -> usize {
+        self.max_inflated.unwrap_or(0)
+    }
+
+    pub fn protocol_check(&self) -> bool {
+        self.protocol_check == 1
     }
 
     /// Whether any directive that observes or acts on tunnels applies here.
     pub fn tracks_tunnels(&self) -> bool {
         self.log_file().is_some()
-            || self.idle_timeout > 0
-            || self.max_lifetime > 0
-            || self.ping_interval > 0
-            || self.drain > 0
-            || self.max_frame > 0
-            || self.max_message > 0
-            || self.max_inflated > 0
-            || self.protocol_check == 1
+            || self.idle_timeout() > 0
+            || self.max_lifetime() > 0
+            || self.ping_interval() > 0
+            || self.drain() > 0
+            || self.max_frame() > 0
+            || self.max_message() > 0
+            || self.max_inflated() > 0
+            || self.protocol_check()
     }
 
     /// Whether the request gate has work in this location.
@@ -335,35 +430,36 @@ impl LocConf {
 
 impl Merge for LocConf {
     fn merge(&mut self, prev: &LocConf) -> Result<(), MergeConfigError> {
-        if self.log == LogTarget::Unset {
-            self.log = if prev.log == LogTarget::Unset {
-                LogTarget::Off
-            } else {
-                prev.log
-            };
+        fn inherit<T: Copy>(v: &mut Option<T>, prev: Option<T>, default: T) {
+            *v = v.or(prev).or(Some(default));
         }
-        if self.events == u32::MAX {
-            self.events = if prev.events == u32::MAX {
-                events::DEFAULT
+        inherit(&mut self.log, prev.log, LogTarget::Off);
+        inherit(&mut self.events, prev.events, events::DEFAULT);
+        inherit(&mut self.payload, prev.payload, 0);
+        inherit(&mut self.idle_timeout, prev.idle_timeout, 0);
+        inherit(&mut self.max_lifetime, prev.max_lifetime, 0);
+        inherit(&mut self.ping_interval, prev.ping_interval, 0);
+        inherit(
+            &mut self.pong_timeout,
+            prev.pong_timeout,
+            PONG_TIMEOUT_DEFAULT,
+        );
+        inherit(
+            &mut self.close_timeout,
+            prev.close_timeout,
+            CLOSE_TIMEOUT_DEFAULT,
+        );
+        inherit(&mut self.drain, prev.drain, 0);
+        inherit(&mut self.max_frame, prev.max_frame, 0);
+        inherit(&mut self.max_message, prev.max_message, 0);
+        inherit(&mut self.max_inflated, prev.max_inflated, 0);
+        inherit(&mut self.handshake_strict, prev.handshake_strict, false);
+        if self.protocol_check == NGX_CONF_UNSET {
+            self.protocol_check = if prev.protocol_check == NGX_CONF_UNSET {
+                0
             } else {
-                prev.events
+                prev.protocol_check
             };
-        }
-        merge_msec(&mut self.idle_timeout, prev.idle_timeout, 0);
-        merge_msec(&mut self.max_lifetime, prev.max_lifetime, 0);
-        merge_msec(&mut self.ping_interval, prev.ping_interval, 0);
-        merge_msec(&mut self.pong_timeout, prev.pong_timeout, 10_000);
-        merge_msec(&mut self.close_timeout, prev.close_timeout, 5_000);
-        merge_msec(&mut self.drain, prev.drain, 0);
-        for (v, p) in [
-            (&mut self.max_frame, prev.max_frame),
-            (&mut self.max_message, prev.max_message),
-            (&mut self.max_inflated, prev.max_inflated),
-            (&mut self.protocol_check, prev.protocol_check),
-        ] {
-            if *v == NGX_CONF_UNSET_SIZE {
-                *v = if p == NGX_CONF_UNSET_SIZE { 0 } else { p };
-            }
         }
         // Like proxy_set_header: a scope with any ws_route (ws_allow_origin) uses only its own.
         if self.routes.is_none() {
@@ -371,16 +467,6 @@ impl Merge for LocConf {
         }
         if self.origins.is_none() {
             self.origins = prev.origins.clone();
-        }
-        if self.handshake_strict.is_none() {
-            self.handshake_strict = Some(prev.handshake_strict == Some(true));
-        }
-        if self.payload == NGX_CONF_UNSET_SIZE {
-            self.payload = if prev.payload == NGX_CONF_UNSET_SIZE {
-                0
-            } else {
-                prev.payload
-            };
         }
         Ok(())
     }
@@ -395,7 +481,7 @@ unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
     unsafe { (*(*cf).args).as_slice() }
 }
 
-fn text(s: &ngx_str_t) -> String {
+pub fn text(s: &ngx_str_t) -> String {
     String::from_utf8_lossy(s.as_bytes()).into_owned()
 }
 
@@ -419,10 +505,104 @@ pub fn parse_msec(s: &ngx_str_t) -> Option<ngx_msec_t> {
     }
 }
 
-/// Runs a directive's parser, printing its error once the way nginx prints its own.
-fn finish(cf: *mut ngx_conf_t, r: Result<(), ConfError>) -> *mut c_char {
-    match r {
+/// A `name=value` parameter's value, as an nginx string.
+fn param<'a>(p: &'a ngx_str_t, name: &[u8]) -> Option<ngx_str_t> {
+    let v: &'a [u8] = p.as_bytes().strip_prefix(name)?;
+    Some(ngx_str_t {
+        len: v.len(),
+        data: v.as_ptr().cast_mut(),
+    })
+}
+
+/// The directive being parsed: nginx's `cf` and command, and its arguments.
+pub struct Directive<'a> {
+    pub cf: *mut ngx_conf_t,
+    cmd: &'a ngx_command_t,
+    /// The arguments after the directive's name.
+    pub args: &'a [ngx_str_t],
+}
+
+impl Directive<'_> {
+    /// The directive's name, from the static commands table.
+    pub fn name(&self) -> &'static str {
+        // SAFETY: command names point into the static commands table.
+        let b: &'static [u8] =
+            unsafe { core::slice::from_raw_parts(self.cmd.name.data, self.cmd.name.len) };
+        core::str::from_utf8(b).unwrap_or("ws_*")
+    }
+
+    /// `invalid value "v" in "name" directive`.
+    pub fn invalid(&self, v: &ngx_str_t) -> ConfError {
+        ConfError::InvalidValue {
+            directive: self.name(),
+            value: text(v),
+        }
+    }
+
+    /// `invalid parameter "p" in "name" directive`.
+    pub fn invalid_param(&self, p: &ngx_str_t) -> ConfError {
+        ConfError::InvalidParameter {
+            directive: self.name(),
+            value: text(p),
+        }
+    }
+
+    /// `"name" directive is duplicate`.
+    pub fn duplicate(&self) -> ConfError {
+        ConfError::Duplicate(self.name())
+    }
+
+    /// The http{} main configuration. Not part of the directive: the lifetime only keeps its
+    /// use within the parse, and no other reference to it is live during a directive handler
+    /// (the one main-conf directive, `ws_status_zone`, gets it as its `conf` and never asks).
+    #[allow(clippy::mut_from_ref)]
+    pub fn main_conf(&self) -> Result<&mut MainConf, ConfError> {
+        // SAFETY: every ws_* directive is parsed inside http{}.
+        unsafe { main_conf(self.cf) }.ok_or(ConfError::NoMainConf(self.name()))
+    }
+
+    /// The field of `conf` that the command's `offset` names.
+    ///
+    /// # Safety
+    /// The command's offset must be that of a `T` field of `C` (`offset_of!` in the table).
+    unsafe fn field<'c, C, T>(&self, conf: &'c mut C) -> &'c mut T {
+        // SAFETY: per the contract.
+        unsafe {
+            &mut *ptr::from_mut(conf)
+                .cast::<u8>()
+                .add(self.cmd.offset)
+                .cast::<T>()
+        }
+    }
+}
+
+/// Runs a directive's parser on the configuration structure it sets, and prints its error
+/// the way nginx prints its own.
+///
+/// # Safety
+/// nginx's directive handler arguments; `conf` must be a `C` (the structure the command's
+/// `conf` offset selects, made by our create_*_conf).
+pub unsafe fn run<C>(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+    parse: fn(&Directive<'_>, &mut C) -> Result<(), ConfError>,
+) -> *mut c_char {
+    // SAFETY: per the contract: a live command of the static table, the arguments of the
+    // directive being parsed, and our configuration structure, referenced nowhere else now.
+    let (d, conf) = unsafe {
+        (
+            Directive {
+                cf,
+                cmd: &*cmd,
+                args: &args(cf)[1..],
+            },
+            &mut *conf.cast::<C>(),
+        )
+    };
+    match parse(&d, conf) {
         Ok(()) => NGX_CONF_OK,
+        Err(ConfError::Reported) => NGX_CONF_ERROR,
         Err(e) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
             NGX_CONF_ERROR
@@ -430,79 +610,110 @@ fn finish(cf: *mut ngx_conf_t, r: Result<(), ConfError>) -> *mut c_char {
     }
 }
 
-extern "C" fn ngx_http_ws_set_log(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with the location configuration our create_loc_conf made.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: called by nginx while parsing this directive.
-    let r = unsafe { set_log(cf, lcf) };
-    finish(cf, r)
-}
-
-/// # Safety
-/// Called from the `ws_log` directive handler with nginx's `cf`.
-unsafe fn set_log(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfError> {
-    if lcf.log != LogTarget::Unset {
-        return Err(ConfError::Duplicate("ws_log"));
-    }
-    // SAFETY: see the function's contract.
-    let a = unsafe { args(cf) };
-    if a[1].as_bytes() == b"off" {
-        if a.len() > 2 {
-            return Err(ConfError::InvalidParameter {
-                directive: "ws_log",
-                value: text(&a[2]),
-            });
+/// Defines the `extern "C"` handler nginx calls for a directive: it runs `parse` (a
+/// `fn(&Directive, &mut Conf) -> Result<(), ConfError>`) on the configuration structure `Conf`.
+macro_rules! directive_handler {
+    ($(#[$doc:meta])* $name:ident: $conf:ty => $parse:path) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Called by nginx as the directive's handler, from the commands table.
+        pub unsafe extern "C" fn $name(
+            cf: *mut ::ngx::ffi::ngx_conf_t,
+            cmd: *mut ::ngx::ffi::ngx_command_t,
+            conf: *mut ::core::ffi::c_void,
+        ) -> *mut ::core::ffi::c_char {
+            // SAFETY: nginx calls directive handlers with the configuration being parsed, the
+            // command, and the structure the command's `conf` offset selects: a `$conf`.
+            unsafe { $crate::conf::run::<$conf>(cf, cmd, conf, $parse) }
         }
-        lcf.log = LogTarget::Off;
+    };
+}
+pub(crate) use directive_handler;
+
+directive_handler!(
+    /// `ws_log path [buffer=size] [flush=time] | off;`
+    ngx_http_ws_set_log: LocConf => parse_log
+);
+directive_handler!(
+    /// `ws_log_events event ...;`
+    ngx_http_ws_set_log_events: LocConf => parse_log_events
+);
+directive_handler!(
+    /// `ws_log_payload size;`
+    ngx_http_ws_set_log_payload: LocConf => parse_log_payload
+);
+directive_handler!(
+    /// A time or `off`, into the `Option<ngx_msec_t>` at the command's offset.
+    ngx_http_ws_set_msec_or_off: LocConf => parse_msec_or_off
+);
+directive_handler!(
+    /// A time (not `off`), into the `Option<ngx_msec_t>` at the command's offset.
+    ngx_http_ws_set_msec: LocConf => parse_msec_field
+);
+directive_handler!(
+    /// `ws_drain time | off;`
+    ngx_http_ws_set_drain: LocConf => parse_drain
+);
+directive_handler!(
+    /// A size or `off`, into the `Option<usize>` at the command's offset.
+    ngx_http_ws_set_size_or_off: LocConf => parse_size_or_off
+);
+directive_handler!(
+    /// `ws_route [=|~|~*]pattern upstream [protocol=...];` and `ws_route default upstream;`
+    ngx_http_ws_set_route: LocConf => parse_route
+);
+directive_handler!(
+    /// `ws_allow_origin origin ... [missing=allow|deny];`
+    ngx_http_ws_set_allow_origin: LocConf => parse_allow_origin
+);
+directive_handler!(
+    /// `ws_handshake strict | off;`
+    ngx_http_ws_set_handshake: LocConf => parse_handshake
+);
+
+fn parse_log(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.log.is_some() {
+        return Err(d.duplicate());
+    }
+    let a = d.args;
+    if a[0].as_bytes() == b"off" {
+        if let Some(p) = a.get(1) {
+            return Err(d.invalid_param(p));
+        }
+        lcf.log = Some(LogTarget::Off);
         return Ok(());
     }
-    let path = text(&a[1]);
+    let path = text(&a[0]);
     if path.is_empty() {
-        return Err(ConfError::InvalidValue {
-            directive: "ws_log",
-            value: path,
-        });
+        return Err(d.invalid(&a[0]));
     }
     let mut buffer = 0usize;
     let mut flush: ngx_msec_t = 0;
-    for p in &a[2..] {
-        let b = p.as_bytes();
-        let bad = || ConfError::InvalidParameter {
-            directive: "ws_log",
-            value: text(p),
-        };
-        if let Some(v) = b.strip_prefix(b"buffer=") {
-            let v = ngx_str_t {
-                len: v.len(),
-                data: v.as_ptr().cast_mut(),
-            };
-            buffer = parse_size(&v).filter(|&n| n > 0).ok_or_else(bad)?;
-        } else if let Some(v) = b.strip_prefix(b"flush=") {
-            let v = ngx_str_t {
-                len: v.len(),
-                data: v.as_ptr().cast_mut(),
-            };
-            flush = parse_msec(&v).filter(|&n| n > 0).ok_or_else(bad)?;
+    for p in &a[1..] {
+        if let Some(v) = param(p, b"buffer=") {
+            buffer = parse_size(&v)
+                .filter(|&n| n > 0)
+                .ok_or_else(|| d.invalid_param(p))?;
+        } else if let Some(v) = param(p, b"flush=") {
+            flush = parse_msec(&v)
+                .filter(|&n| n > 0)
+                .ok_or_else(|| d.invalid_param(p))?;
         } else {
-            return Err(bad());
+            return Err(d.invalid_param(p));
         }
     }
     if flush > 0 && buffer == 0 {
         return Err(ConfError::FlushWithoutBuffer(path));
     }
 
-    // SAFETY: cf is valid during parsing; ngx_conf_open_file copies nothing it does not own.
+    // SAFETY: cf is valid during parsing; ngx_conf_open_file copies what it keeps.
     let file = unsafe {
-        let mut name = a[1];
-        ngx_conf_open_file((*cf).cycle, &mut name)
+        let mut name = a[0];
+        ngx_conf_open_file((*d.cf).cycle, &mut name)
     };
     let file = NonNull::new(file).ok_or(ConfError::NoMemory)?;
-    // SAFETY: the http main conf exists while http{} is parsed.
-    let mcf = unsafe { main_conf(cf) }.ok_or(ConfError::NoMemory)?;
+    let mcf = d.main_conf()?;
 
     for &existing in &mcf.logs {
         // SAFETY: LogFiles live in the configuration pool for the cycle's lifetime.
@@ -511,7 +722,7 @@ unsafe fn set_log(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfErro
             if lf.buffer_size() != buffer || lf.flush_msec() != flush {
                 return Err(ConfError::LogConflict(path));
             }
-            lcf.log = LogTarget::File(existing);
+            lcf.log = Some(LogTarget::File(existing));
             return Ok(());
         }
     }
@@ -521,150 +732,106 @@ unsafe fn set_log(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfErro
     }
 
     // SAFETY: cf->pool is the configuration pool; it outlives every request of this cycle.
-    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
-    // SAFETY: cf is valid during parsing.
+    let pool = unsafe { Pool::from_ngx_pool((*d.cf).pool) };
+    // SAFETY: cf is valid during parsing; the cycle's new_log outlives the cycle.
     let lf = unsafe {
         LogFile::new(
             file.as_ptr(),
             buffer,
             flush,
-            &raw mut (*(*cf).cycle).new_log,
+            &raw mut (*(*d.cf).cycle).new_log,
         )
     };
     let lf = NonNull::new(pool.allocate(lf)).ok_or(ConfError::NoMemory)?;
     // SAFETY: freshly allocated, fixed address from now on.
     unsafe { LogFile::install(lf) };
     mcf.logs.push(lf);
-    lcf.log = LogTarget::File(lf);
+    lcf.log = Some(LogTarget::File(lf));
     Ok(())
 }
 
-extern "C" fn ngx_http_ws_set_log_events(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    let r = (|| {
-        if lcf.events != u32::MAX {
-            return Err(ConfError::Duplicate("ws_log_events"));
-        }
-        let mut set = 0;
-        // SAFETY: called by nginx while parsing this directive.
-        for a in unsafe { &args(cf)[1..] } {
-            let name = text(a);
-            set |= events::parse(&name).ok_or(ConfError::InvalidValue {
-                directive: "ws_log_events",
-                value: name,
-            })?;
-        }
-        lcf.events = set;
-        Ok(())
-    })();
-    finish(cf, r)
-}
-
-extern "C" fn ngx_http_ws_set_log_payload(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    let r = (|| {
-        if lcf.payload != NGX_CONF_UNSET_SIZE {
-            return Err(ConfError::Duplicate("ws_log_payload"));
-        }
-        // SAFETY: called by nginx while parsing this directive.
-        let a = unsafe { &args(cf)[1] };
-        let n = parse_size(a).ok_or(ConfError::InvalidValue {
-            directive: "ws_log_payload",
-            value: text(a),
-        })?;
-        if n > MAX_PAYLOAD_CAPTURE {
-            return Err(ConfError::PayloadTooLarge {
-                value: text(a),
-                max: MAX_PAYLOAD_CAPTURE,
-            });
-        }
-        lcf.payload = n;
-        Ok(())
-    })();
-    finish(cf, r)
-}
-
-/// Which time field a time directive sets.
-fn time_field<'a>(
-    lcf: &'a mut LocConf,
-    name: &[u8],
-) -> Option<(&'static str, &'a mut ngx_msec_t, bool)> {
-    // (directive, field, accepts "off")
-    Some(match name {
-        b"ws_idle_timeout" => ("ws_idle_timeout", &mut lcf.idle_timeout, true),
-        b"ws_max_lifetime" => ("ws_max_lifetime", &mut lcf.max_lifetime, true),
-        b"ws_ping_interval" => ("ws_ping_interval", &mut lcf.ping_interval, true),
-        b"ws_pong_timeout" => ("ws_pong_timeout", &mut lcf.pong_timeout, false),
-        b"ws_close_timeout" => ("ws_close_timeout", &mut lcf.close_timeout, false),
-        b"ws_drain" => ("ws_drain", &mut lcf.drain, true),
-        _ => return None,
-    })
-}
-
-extern "C" fn ngx_http_ws_set_time(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: called by nginx while parsing this directive.
-    let a = unsafe { args(cf) };
-    let mut drain = false;
-    let r = (|| {
-        let (directive, field, off_ok) =
-            time_field(lcf, a[0].as_bytes()).ok_or(ConfError::NoMemory)?;
-        if *field != MSEC_UNSET {
-            return Err(ConfError::Duplicate(directive));
-        }
-        let invalid = || ConfError::InvalidValue {
-            directive,
-            value: text(&a[1]),
-        };
-        *field = if off_ok && a[1].as_bytes() == b"off" {
-            0
-        } else {
-            parse_msec(&a[1]).filter(|&v| v > 0).ok_or_else(invalid)?
-        };
-        drain = directive == "ws_drain" && *field > 0;
-        Ok(())
-    })();
-    if drain {
-        // SAFETY: inside http{} while parsing.
-        if let Some(mcf) = unsafe { main_conf(cf) } {
-            mcf.drain_used = true;
-        }
+fn parse_log_events(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.events.is_some() {
+        return Err(d.duplicate());
     }
-    finish(cf, r)
+    let mut set = 0;
+    for a in d.args {
+        set |= events::parse(&text(a)).ok_or_else(|| d.invalid(a))?;
+    }
+    lcf.events = Some(set);
+    Ok(())
 }
 
-extern "C" fn ngx_http_ws_set_route(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: called by nginx while parsing this directive.
-    let r = unsafe { set_route(cf, lcf) };
-    finish(cf, r)
+fn parse_log_payload(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.payload.is_some() {
+        return Err(d.duplicate());
+    }
+    let a = &d.args[0];
+    let n = parse_size(a).ok_or_else(|| d.invalid(a))?;
+    if n > MAX_PAYLOAD_CAPTURE {
+        return Err(ConfError::PayloadTooLarge {
+            value: text(a),
+            max: MAX_PAYLOAD_CAPTURE,
+        });
+    }
+    lcf.payload = Some(n);
+    Ok(())
 }
 
-/// # Safety
-/// Called from the `ws_route` directive handler with nginx's `cf`.
-unsafe fn set_route(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfError> {
-    // SAFETY: see the function's contract.
-    let a: Vec<String> = unsafe { args(cf) }[1..].iter().map(text).collect();
+/// A positive time, or `off` (0) when `off_ok`.
+fn msec_value(d: &Directive<'_>, off_ok: bool) -> Result<ngx_msec_t, ConfError> {
+    let a = &d.args[0];
+    if off_ok && a.as_bytes() == b"off" {
+        return Ok(0);
+    }
+    parse_msec(a).filter(|&v| v > 0).ok_or_else(|| d.invalid(a))
+}
+
+fn set_msec(d: &Directive<'_>, lcf: &mut LocConf, off_ok: bool) -> Result<(), ConfError> {
+    // SAFETY: the commands using these handlers name Option<ngx_msec_t> fields of LocConf.
+    let field: &mut Option<ngx_msec_t> = unsafe { d.field(lcf) };
+    if field.is_some() {
+        return Err(d.duplicate());
+    }
+    *field = Some(msec_value(d, off_ok)?);
+    Ok(())
+}
+
+fn parse_msec_or_off(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    set_msec(d, lcf, true)
+}
+
+fn parse_msec_field(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    set_msec(d, lcf, false)
+}
+
+fn parse_drain(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    set_msec(d, lcf, true)?;
+    if lcf.drain() > 0 {
+        d.main_conf()?.drain_used = true;
+    }
+    Ok(())
+}
+
+fn parse_size_or_off(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    // SAFETY: the commands using this handler name Option<usize> fields of LocConf.
+    let field: &mut Option<usize> = unsafe { d.field(lcf) };
+    if field.is_some() {
+        return Err(d.duplicate());
+    }
+    let a = &d.args[0];
+    *field = Some(if a.as_bytes() == b"off" {
+        0
+    } else {
+        parse_size(a)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| d.invalid(a))?
+    });
+    Ok(())
+}
+
+fn parse_route(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    let a: Vec<String> = d.args.iter().map(text).collect();
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let spec = route::parse_rule(&a).map_err(|e| match e {
         route::ParseError::Value(value) => ConfError::InvalidValue {
@@ -694,126 +861,81 @@ unsafe fn set_route(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), ConfEr
         } => {
             let rule = Rule::new(kind, pattern, upstream.clone(), protocols, |p, caseless| {
                 // SAFETY: cf is being parsed.
-                unsafe { compile_regex(cf, "ws_route", p, caseless) }
+                unsafe { compile_regex(d.cf, "ws_route", p, caseless) }
             })?;
             routes.rules.push(rule);
             upstream
         }
     };
-    // SAFETY: inside http{} while parsing; conf_file is the file being read.
-    let (mcf, file, line) = unsafe {
-        let f = &*(*cf).conf_file;
-        (main_conf(cf), text(&f.file.name), f.line)
+    // SAFETY: conf_file is the file being read.
+    let (file, line) = unsafe {
+        let f = &*(*d.cf).conf_file;
+        (text(&f.file.name), f.line)
     };
-    let mcf = mcf.ok_or(ConfError::NoMemory)?;
+    let mcf = d.main_conf()?;
     mcf.gate_used = true;
     mcf.route_upstreams.push(UpstreamRef { name, file, line });
     Ok(())
 }
 
-extern "C" fn ngx_http_ws_set_allow_origin(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    let r = (|| {
-        if lcf.origins.is_some() {
-            return Err(ConfError::Duplicate("ws_allow_origin"));
-        }
-        let mut origins = Origins {
-            rules: Vec::new(),
-            missing_deny: false,
-        };
-        let mut missing_seen = false;
-        // SAFETY: called by nginx while parsing this directive.
-        for a in unsafe { &args(cf)[1..] } {
-            let v = text(a);
-            if let Some(m) = v.strip_prefix("missing=") {
-                if missing_seen {
-                    return Err(ConfError::InvalidParameter {
-                        directive: "ws_allow_origin",
-                        value: v,
-                    });
-                }
-                missing_seen = true;
-                origins.missing_deny = match m {
-                    "allow" => false,
-                    "deny" => true,
-                    _ => {
-                        return Err(ConfError::InvalidParameter {
-                            directive: "ws_allow_origin",
-                            value: v,
-                        })
-                    }
-                };
-                continue;
-            }
-            let rule = match route::parse_origin(&v) {
-                Some(OriginSpec::Any) => OriginRule::Any,
-                Some(OriginSpec::Exact(o)) => OriginRule::Exact(o),
-                Some(OriginSpec::Wildcard(o)) => OriginRule::Wildcard(o),
-                Some(OriginSpec::Regex { pattern, caseless }) => OriginRule::Regex(
-                    // SAFETY: cf is being parsed.
-                    unsafe { compile_regex(cf, "ws_allow_origin", &pattern, caseless) }?,
-                ),
-                None => {
-                    return Err(ConfError::InvalidValue {
-                        directive: "ws_allow_origin",
-                        value: v,
-                    })
-                }
-            };
-            origins.rules.push(rule);
-        }
-        if origins.rules.is_empty() {
-            return Err(ConfError::ArgCount("ws_allow_origin"));
-        }
-        lcf.origins = Some(origins);
-        Ok(())
-    })();
-    if r.is_ok() {
-        // SAFETY: inside http{} while parsing.
-        if let Some(mcf) = unsafe { main_conf(cf) } {
-            mcf.gate_used = true;
-        }
+fn parse_allow_origin(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.origins.is_some() {
+        return Err(d.duplicate());
     }
-    finish(cf, r)
+    let mut origins = Origins {
+        rules: Vec::new(),
+        missing_deny: false,
+    };
+    let mut missing_seen = false;
+    for a in d.args {
+        if let Some(m) = param(a, b"missing=") {
+            if missing_seen {
+                return Err(d.invalid_param(a));
+            }
+            missing_seen = true;
+            origins.missing_deny = match m.as_bytes() {
+                b"allow" => false,
+                b"deny" => true,
+                _ => return Err(d.invalid_param(a)),
+            };
+            continue;
+        }
+        let v = text(a);
+        let rule = match route::parse_origin(&v) {
+            Some(OriginSpec::Any) => OriginRule::Any,
+            Some(OriginSpec::Exact(o)) => OriginRule::Exact(o),
+            Some(OriginSpec::Wildcard(o)) => OriginRule::Wildcard(o),
+            Some(OriginSpec::Regex { pattern, caseless }) => OriginRule::Regex(
+                // SAFETY: cf is being parsed.
+                unsafe { compile_regex(d.cf, "ws_allow_origin", &pattern, caseless) }?,
+            ),
+            None => return Err(d.invalid(a)),
+        };
+        origins.rules.push(rule);
+    }
+    if origins.rules.is_empty() {
+        return Err(ConfError::ArgCount("ws_allow_origin"));
+    }
+    lcf.origins = Some(origins);
+    d.main_conf()?.gate_used = true;
+    Ok(())
 }
 
-extern "C" fn ngx_http_ws_set_handshake(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    let r = (|| {
-        if lcf.handshake_strict.is_some() {
-            return Err(ConfError::Duplicate("ws_handshake"));
-        }
-        // SAFETY: called by nginx while parsing this directive.
-        let a = unsafe { &args(cf)[1] };
-        lcf.handshake_strict = Some(match a.as_bytes() {
-            b"strict" => true,
-            b"off" => false,
-            _ => {
-                return Err(ConfError::InvalidValue {
-                    directive: "ws_handshake",
-                    value: text(a),
-                })
-            }
-        });
-        Ok(())
-    })();
-    if lcf.strict() {
-        // SAFETY: inside http{} while parsing.
-        if let Some(mcf) = unsafe { main_conf(cf) } {
-            mcf.gate_used = true;
-        }
+fn parse_handshake(d: &Directive<'_>, lcf: &mut LocConf) -> Result<(), ConfError> {
+    if lcf.handshake_strict.is_some() {
+        return Err(d.duplicate());
     }
-    finish(cf, r)
+    let a = &d.args[0];
+    let strict = match a.as_bytes() {
+        b"strict" => true,
+        b"off" => false,
+        _ => return Err(d.invalid(a)),
+    };
+    lcf.handshake_strict = Some(strict);
+    if strict {
+        d.main_conf()?.gate_used = true;
+    }
+    Ok(())
 }
 
 /// After http{} is parsed: every `ws_route` upstream names an `upstream {}` block (they may
@@ -870,65 +992,46 @@ pub unsafe fn init_routes(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result<(),
     Ok(())
 }
 
-extern "C" fn ngx_http_ws_set_limit(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: called by nginx while parsing this directive.
-    let a = unsafe { args(cf) };
-    let r = (|| {
-        let (directive, field) = match a[0].as_bytes() {
-            b"ws_max_frame_size" => ("ws_max_frame_size", &mut lcf.max_frame),
-            b"ws_max_inflated_size" => ("ws_max_inflated_size", &mut lcf.max_inflated),
-            _ => ("ws_max_message_size", &mut lcf.max_message),
-        };
-        if *field != NGX_CONF_UNSET_SIZE {
-            return Err(ConfError::Duplicate(directive));
-        }
-        *field = if a[1].as_bytes() == b"off" {
-            0
-        } else {
-            parse_size(&a[1])
-                .filter(|&n| n > 0)
-                .ok_or(ConfError::InvalidValue {
-                    directive,
-                    value: text(&a[1]),
-                })?
-        };
-        Ok(())
-    })();
-    finish(cf, r)
+/// Our location configuration for a request.
+pub fn loc_conf(r: &Request) -> Option<&'static LocConf> {
+    // SAFETY: our location configuration is a LocConf; it lives as long as the cycle, which
+    // outlives its requests, and is only read once the cycle runs.
+    unsafe {
+        Some(
+            r.http_location_conf_unchecked::<LocConf>(crate::module())?
+                .as_ref(),
+        )
+    }
 }
 
-extern "C" fn ngx_http_ws_set_protocol_check(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls this with our location configuration.
-    let lcf = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: called by nginx while parsing this directive.
-    let a = unsafe { args(cf) };
-    let r = (|| {
-        if lcf.protocol_check != NGX_CONF_UNSET_SIZE {
-            return Err(ConfError::Duplicate("ws_protocol_check"));
-        }
-        lcf.protocol_check = match a[1].as_bytes() {
-            b"on" => 1,
-            b"off" => 0,
-            _ => {
-                return Err(ConfError::InvalidValue {
-                    directive: "ws_protocol_check",
-                    value: text(&a[1]),
-                })
-            }
-        };
-        Ok(())
-    })();
-    finish(cf, r)
+/// Our http main configuration for a request.
+pub fn main_conf_of(r: &Request) -> Option<&'static MainConf> {
+    // SAFETY: as loc_conf, for our MainConf.
+    unsafe {
+        Some(
+            r.http_main_conf_unchecked::<MainConf>(crate::module())?
+                .as_ref(),
+        )
+    }
+}
+
+/// Our http main configuration in the running cycle.
+///
+/// # Safety
+/// Must be called from nginx's thread, with `ngx_cycle` set.
+pub unsafe fn cycle_main_conf() -> Option<&'static MainConf> {
+    // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
+    let cycle = unsafe { ngx::ffi::ngx_cycle.as_ref()? };
+    // SAFETY: the http main conf of this module is a MainConf. Configuration is only read
+    // once the cycle runs (what changes at run time lives elsewhere: crate::drain, the log
+    // files' own state), so shared references to it never alias a mutable one.
+    unsafe {
+        Some(
+            cycle
+                .http_main_conf_unchecked::<MainConf>(crate::module())?
+                .as_ref(),
+        )
+    }
 }
 
 /// The http main configuration while http{} is being parsed.
@@ -959,154 +1062,3 @@ pub unsafe fn init_request_id(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result
     mcf.request_id_index = idx;
     Ok(())
 }
-
-const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
-const SRV_LOC: ngx_uint_t = (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
-
-pub static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 19] = [
-    ngx_command_t {
-        name: ngx_string!("ws_log"),
-        type_: LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_log),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_log_events"),
-        type_: LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
-        set: Some(ngx_http_ws_set_log_events),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_log_payload"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_log_payload),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_idle_timeout"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_max_lifetime"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_ping_interval"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_pong_timeout"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_close_timeout"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_drain"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_time),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_route"),
-        type_: SRV_LOC | NGX_CONF_2MORE as ngx_uint_t,
-        set: Some(ngx_http_ws_set_route),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_allow_origin"),
-        type_: LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
-        set: Some(ngx_http_ws_set_allow_origin),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_handshake"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_handshake),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_max_frame_size"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_limit),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_max_message_size"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_limit),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_max_inflated_size"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_limit),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_protocol_check"),
-        type_: LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_http_ws_set_protocol_check),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_status_zone"),
-        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
-        set: Some(crate::status::ngx_http_ws_set_status_zone),
-        conf: NGX_HTTP_MAIN_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("ws_status"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(crate::status::ngx_http_ws_set_status),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t::empty(),
-];

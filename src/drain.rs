@@ -8,16 +8,26 @@
 use core::cell::RefCell;
 use core::ptr::NonNull;
 
+use core::ffi::c_void;
+
 use ngx::ffi::{ngx_add_timer, ngx_current_msec, ngx_event_t, ngx_exiting, ngx_log_t, ngx_msec_t};
 
-use crate::tunnel::Tunnel;
+/// Called for each member when the drain begins: schedules its close (`now` is nginx's clock).
+pub type OnDrain = unsafe fn(member: *mut c_void, now: ngx_msec_t);
+
+/// A member of the list: a tunnel, as an opaque pointer and what to call for it.
+#[derive(Clone, Copy)]
+struct Member {
+    ptr: NonNull<c_void>,
+    on_drain: OnDrain,
+}
 
 /// How often a worker checks whether its graceful shutdown has begun (only with `ws_drain`).
 const WATCH_MSEC: ngx_msec_t = 200;
 
 struct Worker {
     /// Live tunnels with `ws_drain`; each knows its index here and leaves when it ends.
-    tunnels: Vec<NonNull<Tunnel>>,
+    tunnels: Vec<Member>,
     /// The worker is shutting down: tunnels joining now are scheduled at once.
     started: bool,
     /// The watcher timer; boxed, as nginx's timer tree keeps its address.
@@ -54,24 +64,25 @@ pub unsafe fn start_watch(log: *mut ngx_log_t) {
     });
 }
 
-/// Adds a tunnel; returns its index in the list and whether the drain has already begun.
-pub fn join(t: NonNull<Tunnel>) -> (usize, bool) {
+/// Adds a tunnel, with what to call for it when the drain begins; returns its index in the
+/// list and whether the drain has already begun.
+pub fn join(ptr: NonNull<c_void>, on_drain: OnDrain) -> (usize, bool) {
     WORKER.with_borrow_mut(|w| {
-        w.tunnels.push(t);
+        w.tunnels.push(Member { ptr, on_drain });
         (w.tunnels.len() - 1, w.started)
     })
 }
 
-/// Removes the tunnel `t` at `index`; returns the tunnel moved into its place, which must
+/// Removes the tunnel `ptr` at `index`; returns the tunnel moved into its place, which must
 /// record `index` as its own.
-pub fn leave(index: usize, t: *const Tunnel) -> Option<NonNull<Tunnel>> {
+pub fn leave(index: usize, ptr: *const c_void) -> Option<NonNull<c_void>> {
     WORKER.with_borrow_mut(|w| {
         if w.tunnels
             .get(index)
-            .is_some_and(|p| core::ptr::eq(p.as_ptr(), t))
+            .is_some_and(|m| core::ptr::eq(m.ptr.as_ptr(), ptr))
         {
             w.tunnels.swap_remove(index);
-            return w.tunnels.get(index).copied();
+            return w.tunnels.get(index).map(|m| m.ptr);
         }
         None
     })
@@ -90,9 +101,9 @@ unsafe extern "C" fn watch_handler(ev: *mut ngx_event_t) {
     });
     // SAFETY: nginx's cached clock, in its thread.
     let now = unsafe { ngx_current_msec };
-    for t in tunnels {
+    for m in tunnels {
         // SAFETY: tunnels leave the list when they end, so each is live; no other reference
         // to a tunnel is held while a timer handler runs. Scheduling only arms its timer.
-        unsafe { Tunnel::schedule_drain(t.as_ptr(), now) };
+        unsafe { (m.on_drain)(m.ptr.as_ptr(), now) };
     }
 }

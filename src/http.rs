@@ -92,6 +92,21 @@ pub unsafe fn indexed<'a>(r: *mut ngx_http_request_t, index: ngx_int_t) -> Optio
     Some(unsafe { core::slice::from_raw_parts(v.data, v.len() as usize) })
 }
 
+/// `$ws_route` and `$ws_upstream` of a request (`route` and `upstream` are their variable
+/// indices), for the tunnel's `open` record and metric labels.
+///
+/// # Safety
+/// As [`indexed`].
+pub unsafe fn chosen(
+    r: *mut ngx_http_request_t,
+    route: ngx_int_t,
+    upstream: ngx_int_t,
+) -> Option<(String, String)> {
+    // SAFETY: per the contract.
+    let get = |idx| unsafe { indexed(r, idx) }.map(|b| String::from_utf8_lossy(b).into_owned());
+    Some((get(route)?, get(upstream)?))
+}
+
 /// `$request_id` of a request (`index` is its variable index), borrowed from the request pool
 /// where nginx keeps it.
 ///

@@ -16,24 +16,28 @@ pub mod log;
 pub mod status;
 pub mod tunnel;
 pub mod variables;
-pub use glue::{cycle_main_conf, loc_conf, main_conf, module, ngx_http_ws_module};
+pub use glue::{module, ngx_http_ws_module};
 
 /// Module statics, the HttpModule implementation and the header filter.
 mod glue {
     use core::ffi::{c_char, c_void};
+    use core::mem::offset_of;
     use core::ptr;
 
     use ngx::core::{Status, NGX_CONF_ERROR};
     use ngx::ffi::{
-        ngx_conf_t, ngx_cycle, ngx_cycle_t, ngx_http_module_t, ngx_http_output_header_filter_pt,
-        ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t, ngx_module_t, NGX_ERROR,
-        NGX_HTTP_MODULE, NGX_LOG_EMERG,
+        ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle_t, ngx_http_module_t,
+        ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter,
+        ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
+        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE123, NGX_CONF_TAKE2,
+        NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+        NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
     };
-    use ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf};
-    use ngx::ngx_conf_log_error;
+    use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
+    use ngx::{ngx_conf_log_error, ngx_string};
 
-    use crate::conf::{self, LocConf, MainConf, NGX_HTTP_WS_COMMANDS};
-    use crate::{drain, gate, tunnel, variables};
+    use crate::conf::{self, LocConf, MainConf};
+    use crate::{drain, gate, status, tunnel, variables};
 
     struct Module;
 
@@ -131,6 +135,149 @@ mod glue {
         rc
     }
 
+    const LOC_ANY: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
+    const SRV_LOC: ngx_uint_t = (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF) as _;
+    const LOC: ngx_uint_t = NGX_HTTP_LOC_CONF_OFFSET as _;
+
+    type Handler =
+        unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
+
+    /// A directive of the location configuration; `offset` names its field where the handler
+    /// sets the field at `cmd->offset` (0 where the handler knows its fields).
+    const fn command(
+        name: ngx_str_t,
+        type_: ngx_uint_t,
+        set: Handler,
+        offset: usize,
+    ) -> ngx_command_t {
+        ngx_command_t {
+            name,
+            type_,
+            set: Some(set),
+            conf: LOC,
+            offset,
+            post: ptr::null_mut(),
+        }
+    }
+
+    /// The module's directives. Configuration owns them all (crate::conf), but for the two of
+    /// the metrics, whose handlers install the zone's init callback and the content handler
+    /// (crate::status).
+    static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 19] = [
+        command(
+            ngx_string!("ws_log"),
+            LOC_ANY | NGX_CONF_TAKE123 as ngx_uint_t,
+            conf::ngx_http_ws_set_log,
+            0,
+        ),
+        command(
+            ngx_string!("ws_log_events"),
+            LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
+            conf::ngx_http_ws_set_log_events,
+            0,
+        ),
+        command(
+            ngx_string!("ws_log_payload"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_log_payload,
+            0,
+        ),
+        command(
+            ngx_string!("ws_idle_timeout"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_msec_or_off,
+            offset_of!(LocConf, idle_timeout),
+        ),
+        command(
+            ngx_string!("ws_max_lifetime"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_msec_or_off,
+            offset_of!(LocConf, max_lifetime),
+        ),
+        command(
+            ngx_string!("ws_ping_interval"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_msec_or_off,
+            offset_of!(LocConf, ping_interval),
+        ),
+        command(
+            ngx_string!("ws_pong_timeout"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_msec,
+            offset_of!(LocConf, pong_timeout),
+        ),
+        command(
+            ngx_string!("ws_close_timeout"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_msec,
+            offset_of!(LocConf, close_timeout),
+        ),
+        command(
+            ngx_string!("ws_drain"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_drain,
+            offset_of!(LocConf, drain),
+        ),
+        command(
+            ngx_string!("ws_route"),
+            SRV_LOC | NGX_CONF_2MORE as ngx_uint_t,
+            conf::ngx_http_ws_set_route,
+            0,
+        ),
+        command(
+            ngx_string!("ws_allow_origin"),
+            LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
+            conf::ngx_http_ws_set_allow_origin,
+            0,
+        ),
+        command(
+            ngx_string!("ws_handshake"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_handshake,
+            0,
+        ),
+        command(
+            ngx_string!("ws_max_frame_size"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_size_or_off,
+            offset_of!(LocConf, max_frame),
+        ),
+        command(
+            ngx_string!("ws_max_message_size"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_size_or_off,
+            offset_of!(LocConf, max_message),
+        ),
+        command(
+            ngx_string!("ws_max_inflated_size"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_size_or_off,
+            offset_of!(LocConf, max_inflated),
+        ),
+        // nginx's own on|off setter, on an ngx_flag_t.
+        command(
+            ngx_string!("ws_protocol_check"),
+            LOC_ANY | NGX_CONF_FLAG as ngx_uint_t,
+            ngx_conf_set_flag_slot,
+            offset_of!(LocConf, protocol_check),
+        ),
+        ngx_command_t {
+            name: ngx_string!("ws_status_zone"),
+            type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
+            set: Some(status::ngx_http_ws_set_status_zone),
+            conf: NGX_HTTP_MAIN_CONF_OFFSET as _,
+            offset: 0,
+            post: ptr::null_mut(),
+        },
+        command(
+            ngx_string!("ws_status"),
+            (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
+            status::ngx_http_ws_set_status,
+            0,
+        ),
+        ngx_command_t::empty(),
+    ];
+
     static NGX_HTTP_WS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
         preconfiguration: Some(Module::preconfiguration),
         postconfiguration: Some(Module::postconfiguration),
@@ -145,7 +292,7 @@ mod glue {
     /// Per-worker start: the drain watcher, when some scope uses `ws_drain`.
     unsafe extern "C" fn ngx_http_ws_init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // SAFETY: nginx calls init_process with the worker's cycle.
-        if let Some(mcf) = unsafe { cycle_main_conf() } {
+        if let Some(mcf) = unsafe { conf::cycle_main_conf() } {
             if mcf.drain_used {
                 // SAFETY: once per worker, with the cycle's log, which outlives the worker.
                 unsafe { drain::start_watch((*cycle).log) };
@@ -173,34 +320,5 @@ mod glue {
     pub fn module() -> &'static ngx_module_t {
         // SAFETY: nginx writes the indices while loading, before any use; afterwards it is read-only.
         unsafe { &*ptr::addr_of!(ngx_http_ws_module) }
-    }
-
-    /// Our location configuration for a request.
-    pub fn loc_conf(r: &ngx::http::Request) -> Option<&'static LocConf> {
-        Module::location_conf(r)
-    }
-
-    /// Our http main configuration for a request.
-    pub fn main_conf(r: &ngx::http::Request) -> Option<&'static MainConf> {
-        Module::main_conf(r)
-    }
-
-    /// Our http main configuration in the running cycle.
-    ///
-    /// # Safety
-    /// Must be called from nginx's thread, with `ngx_cycle` set.
-    pub unsafe fn cycle_main_conf() -> Option<&'static MainConf> {
-        // SAFETY: ngx_cycle points at the running cycle in nginx's thread.
-        let cycle = unsafe { ngx_cycle.as_ref()? };
-        // SAFETY: the http main conf of this module is a MainConf. Configuration is only read
-        // once the cycle runs (what changes at run time lives elsewhere: crate::drain), so
-        // shared references to it never alias a mutable one.
-        unsafe {
-            Some(
-                cycle
-                    .http_main_conf_unchecked::<MainConf>(module())?
-                    .as_ref(),
-            )
-        }
     }
 }

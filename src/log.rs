@@ -12,6 +12,7 @@
 //! when records must be dropped, the tail of a partly written line is still kept and completed
 //! first, so the next record starts on a line of its own.
 
+use core::cell::RefCell;
 use core::ptr::{self, NonNull};
 
 use ngx::ffi::{
@@ -20,6 +21,7 @@ use ngx::ffi::{
 };
 
 use crate::record::{Line, TimeText};
+use ws_core::status::Table;
 
 /// Most bytes kept back for a file whose last write was short: beyond that, whole records are
 /// dropped (counted) until the reader catches up.
@@ -57,6 +59,8 @@ pub struct LogFile {
     carry_fd: i32,
     /// The descriptor last checked for non-blocking mode.
     checked_fd: i32,
+    /// The `ws_status_zone` table dropped records are counted in (set by the zone's init).
+    table: Option<Table>,
 }
 
 impl LogFile {
@@ -88,6 +92,7 @@ impl LogFile {
             carry_torn: false,
             carry_fd: -1,
             checked_fd: -1,
+            table: None,
         }
     }
 
@@ -104,6 +109,17 @@ impl LogFile {
         }
     }
 
+    /// From now on, dropped records are also counted in this `ws_status_zone` table.
+    pub fn count_drops_in(&mut self, table: Table) {
+        self.table = Some(table);
+    }
+
+    fn count_in_zone(&self, n: u64) {
+        if let Some(t) = self.table {
+            t.count_log_dropped(n);
+        }
+    }
+
     /// Hooks the file's flush callback and the timer to this object's final address.
     ///
     /// # Safety
@@ -115,6 +131,7 @@ impl LogFile {
             lf.event.data = this.as_ptr().cast();
             (*lf.file).flush = Some(flush_callback);
         }
+        FILES.with_borrow_mut(|v| v.push(this));
     }
 
     /// Whether no other log has claimed this open file's buffer.
@@ -196,7 +213,7 @@ impl LogFile {
     /// A record that could not be serialized is counted as dropped.
     fn count_unwritable(&mut self) {
         self.dropped += 1;
-        crate::status::count_log_dropped(1);
+        self.count_in_zone(1);
     }
 
     /// Writes the first `len` bytes of the buffer: every pending record.
@@ -342,7 +359,7 @@ impl LogFile {
             return;
         }
         self.dropped += n;
-        crate::status::count_log_dropped(n);
+        self.count_in_zone(n);
         let now = ngx_time();
         if now == self.last_error {
             return;
@@ -406,14 +423,26 @@ fn is_ours(f: FlushFn) -> bool {
     ptr::fn_addr_eq(f, flush_callback as FlushFn)
 }
 
+thread_local! {
+    /// Every live LogFile of this process (of every cycle it still holds), for the flush
+    /// callback, which nginx gives only the open file. A LogFile joins when it is installed
+    /// and leaves when its configuration pool drops it.
+    static FILES: RefCell<Vec<NonNull<LogFile>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let me: *mut LogFile = self;
+        FILES.with_borrow_mut(|v| v.retain(|p| p.as_ptr() != me));
+    }
+}
+
 /// Called by nginx before it reopens the file and when a worker exits.
 unsafe extern "C" fn flush_callback(file: *mut ngx_open_file_t, _log: *mut ngx_log_t) {
-    // SAFETY: `ngx_cycle` is the running cycle; its http main conf lists our files.
-    let Some(mcf) = (unsafe { crate::cycle_main_conf() }) else {
-        return;
-    };
-    for lf in &mcf.logs {
-        // SAFETY: LogFiles live in the configuration pool of this cycle.
+    for lf in FILES.with_borrow(Vec::clone) {
+        // SAFETY: LogFiles leave the list when they are dropped, so each is live; open files
+        // are per cycle, so only this file's LogFile matches; nothing else refers to it while
+        // nginx runs this callback.
         let lf = unsafe { &mut *lf.as_ptr() };
         if ptr::eq(lf.file, file) {
             lf.flush_buffer();

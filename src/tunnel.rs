@@ -143,8 +143,8 @@ pub unsafe fn wants_tunnel(r: *mut ngx_http_request_t) -> bool {
         return false;
     }
     let request = crate::http::request(req);
-    crate::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
-        || crate::main_conf(request).is_some_and(|m| m.status.enabled())
+    crate::conf::loc_conf(request).is_some_and(LocConf::tracks_tunnels)
+        || crate::conf::main_conf_of(request).is_some_and(|m| m.status.enabled())
 }
 
 /// Starts tracking a tunnel at its 101, when every condition of the spec holds.
@@ -166,16 +166,16 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     {
         return;
     }
-    let Some(lcf) = crate::loc_conf(request) else {
+    let Some(lcf) = crate::conf::loc_conf(request) else {
         return;
     };
     // SAFETY: a request in the http module always has our main conf.
-    let mcf = unsafe { crate::cycle_main_conf() };
+    let mcf = unsafe { crate::conf::cycle_main_conf() };
 
     let extensions = find_header(&req.headers_out.headers, b"sec-websocket-extensions");
     let subprotocol = find_header(&req.headers_out.headers, b"sec-websocket-protocol");
     let capture = Capture {
-        payload: lcf.payload,
+        payload: lcf.payload(),
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
         inflate: Inflate::Off,
     };
@@ -197,21 +197,21 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     // SAFETY: as above.
     let (client_recv, upstream_recv) = unsafe { ((*client_conn).recv, (*upstream_conn).recv) };
     let policy = Policy {
-        max_frame: lcf.max_frame as u64,
-        max_message: lcf.max_message as u64,
-        protocol_check: lcf.protocol_check == 1,
+        max_frame: lcf.max_frame() as u64,
+        max_message: lcf.max_message() as u64,
+        protocol_check: lcf.protocol_check(),
         expect_masked: true,
         rsv_allowed: rsv_allowed(extensions.as_deref()),
-        max_inflated: lcf.max_inflated as u64,
+        max_inflated: lcf.max_inflated() as u64,
     };
     let now = now_msec();
     let timers = Timers {
-        idle: lcf.idle_timeout as Msec,
-        lifetime: lcf.max_lifetime as Msec,
-        ping: lcf.ping_interval as Msec,
-        pong: lcf.pong_timeout as Msec,
-        close: lcf.close_timeout as Msec,
-        drain: lcf.drain as Msec,
+        idle: lcf.idle_timeout() as Msec,
+        lifetime: lcf.max_lifetime() as Msec,
+        ping: lcf.ping_interval() as Msec,
+        pong: lcf.pong_timeout() as Msec,
+        close: lcf.close_timeout() as Msec,
+        drain: lcf.drain() as Msec,
     };
     let tunnel_timed =
         timers.idle > 0 || timers.lifetime > 0 || timers.ping > 0 || timers.drain > 0;
@@ -246,10 +246,10 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         ),
         rec: Recorder {
             log: lcf.log_file(),
-            events: lcf.events,
+            events: lcf.events(),
             conn,
             request_id,
-            payload: lcf.payload,
+            payload: lcf.payload(),
             stats: None,
         },
         life: Lifecycle::new(timers, now as Msec),
@@ -295,7 +295,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         // ws_route rule ("" without routing); the ws_route upstream, else the upstream{} (or
         // proxy_pass host) nginx picked, else, for a variable address, a placeholder.
         // SAFETY: the request is live, of this cycle.
-        let (route, routed) = unsafe { crate::gate::chosen(r, m) }.unzip();
+        let (route, routed) =
+            unsafe { crate::http::chosen(r, m.route_index, m.upstream_index) }.unzip();
         let label = routed
             .or_else(|| upstream_label(u))
             .unwrap_or_else(|| VARIABLE_UPSTREAM.to_string());
@@ -307,7 +308,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     t.passive = !proxy_writes && !t.rec.wants_events();
     if t.life.timers().drain > 0 {
-        let (index, started) = crate::drain::join(tp);
+        let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
         t.drain_index = Some(index);
         if started {
             t.drain_soon(now);
@@ -323,7 +324,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         let (upstream, upstream_name) = upstream_texts(u);
         // SAFETY: the request is live, of this cycle.
         let (route, routed) = mcf
-            .and_then(|m| unsafe { crate::gate::chosen(r, m) })
+            .and_then(|m| unsafe { crate::http::chosen(r, m.route_index, m.upstream_index) })
             .unzip();
         let upstream_name = routed.or(upstream_name);
         let time = lf.now_text();
@@ -425,8 +426,9 @@ fn now_msec() -> ngx_msec_t {
 /// needs their bytes (payload capture in `message` records, or `ws_max_inflated_size`), and
 /// only when the 101 negotiated permessage-deflate alone.
 fn inflation(lcf: &LocConf, headers_out: &ngx::ffi::ngx_list_t) -> (Inflate, Inflate) {
-    let capture = lcf.payload > 0 && lcf.events & events::MESSAGE != 0 && lcf.log_file().is_some();
-    if !capture && lcf.max_inflated == 0 {
+    let capture =
+        lcf.payload() > 0 && lcf.events() & events::MESSAGE != 0 && lcf.log_file().is_some();
+    if !capture && lcf.max_inflated() == 0 {
         return (Inflate::Off, Inflate::Off);
     }
     let values = crate::http::header_values(headers_out, b"sec-websocket-extensions");
@@ -435,7 +437,7 @@ fn inflation(lcf: &LocConf, headers_out: &ngx::ffi::ngx_list_t) -> (Inflate, Inf
         .map(|v| String::from_utf8_lossy(v))
         .collect::<Vec<_>>()
         .join(",");
-    let limit = lcf.max_inflated as u64;
+    let limit = lcf.max_inflated() as u64;
     match inflate::negotiated(&joined) {
         Extensions::None => (Inflate::Off, Inflate::Off),
         Extensions::Deflate { client, server } => (
@@ -985,18 +987,40 @@ impl Tunnel {
     fn refused(&mut self, now: Msec, from: From, v: Violation) {
         // SAFETY: the client connection is live while the tunnel is.
         let log = unsafe { (*self.client_conn).log };
-        ngx_log_error!(
-            NGX_LOG_INFO,
-            log,
-            "ws: {} sent a frame refused by {}, closing with {}",
-            from.as_str(),
-            match v {
-                Violation::TooBig => "a size limit",
-                Violation::Protocol => "ws_protocol_check",
-                Violation::Invalid => "ws_protocol_check (compressed data that does not inflate)",
-            },
-            v.sender_close().0
-        );
+        match v {
+            Violation::TooBig => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent a frame over a size limit, closing with {}",
+                    from.as_str(),
+                    v.sender_close().0
+                );
+            }
+            Violation::Protocol(rule) => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent a frame refused by ws_protocol_check: {}, closing with {}",
+                    from.as_str(),
+                    rule.describe(),
+                    v.sender_close().0
+                );
+                if let Some(s) = self.rec.stats {
+                    s.entry().violation(from, rule);
+                }
+            }
+            Violation::Invalid => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent compressed data that does not inflate (ws_protocol_check), \
+                     closing with {}",
+                    from.as_str(),
+                    v.sender_close().0
+                );
+            }
+        }
         if let Some(order) = self.life.refused(now, from, v) {
             self.close(now as ngx_msec_t, order);
         }
@@ -1193,18 +1217,18 @@ impl Tunnel {
     ///
     /// # Safety
     /// `t` must be a live tunnel that nothing borrows.
-    pub(crate) unsafe fn schedule_drain(t: *mut Tunnel, now: ngx_msec_t) {
-        // SAFETY: per the contract.
-        unsafe { (*t).drain_soon(now) };
+    unsafe fn schedule_drain(t: *mut c_void, now: ngx_msec_t) {
+        // SAFETY: per the contract: the drain list's members are tunnels.
+        unsafe { (*t.cast::<Tunnel>()).drain_soon(now) };
     }
 
     fn unregister_drain(&mut self) {
         let Some(i) = self.drain_index.take() else {
             return;
         };
-        if let Some(moved) = crate::drain::leave(i, self) {
+        if let Some(moved) = crate::drain::leave(i, ptr::from_ref(self).cast()) {
             // SAFETY: tunnels in the list are live, and another tunnel than this one.
-            unsafe { (*moved.as_ptr()).drain_index = Some(i) };
+            unsafe { (*moved.cast::<Tunnel>().as_ptr()).drain_index = Some(i) };
         }
     }
 

@@ -86,3 +86,11 @@ install_test_deps() {
     # A real browser for the compressed-tunnel test (tests/it/deflate.rs): Debian's chromium.
     command -v chromium >/dev/null || install_packages chromium
 }
+
+# The nginx-tests-format suite (tests/nginx/*.t): perl's prove, Protocol::WebSocket and
+# IO::Socket::SSL, from Debian's packages.
+install_nginx_t_deps() {
+    command -v prove >/dev/null || install_packages perl
+    perl -MProtocol::WebSocket -e 1 2>/dev/null || install_packages libprotocol-websocket-perl
+    perl -MIO::Socket::SSL -e 1 2>/dev/null || install_packages libio-socket-ssl-perl
+}

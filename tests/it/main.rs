@@ -3,6 +3,7 @@
 
 mod config;
 mod deflate;
+mod docs;
 mod examples;
 mod harness;
 mod logfile;

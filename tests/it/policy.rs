@@ -215,6 +215,21 @@ async fn protocol_violations_get_1002() {
             "{name}"
         );
     }
+    // The error log names the rule each frame broke.
+    let err = ngx.read("logs/error.log");
+    for rule in [
+        "a frame masked the wrong way for its direction (RFC 6455 5.1)",
+        "a reserved opcode (RFC 6455 5.2)",
+        "an RSV bit no extension defines (RFC 6455 5.2)",
+        "a fragmented control frame (RFC 6455 5.5)",
+        "a continuation with no message (RFC 6455 5.4)",
+        "a non-minimal or out-of-range length (RFC 6455 5.2)",
+    ] {
+        assert!(
+            err.contains(&format!("refused by ws_protocol_check: {rule}")),
+            "{rule}: {err}"
+        );
+    }
     // The upstream got 1001 each time and never a violating frame.
     let seen = echo.seen.lock().unwrap();
     assert!(seen.messages.is_empty());

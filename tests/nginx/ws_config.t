@@ -13,7 +13,7 @@ use Test::More;
 BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 use lib 'lib';
-use Test::Nginx;
+use NginxWs::Harness;
 use NginxWs;
 
 ###############################################################################
@@ -90,7 +90,7 @@ my @bad = (
 		qr/ws_route: no upstream "nosuch" defined/ ],
 );
 
-my $t = Test::Nginx->new()->has(qw/http proxy/);
+my $t = NginxWs::Harness->new()->has(qw/http proxy/);
 
 (my $c = $conf) =~ s/%%WS%%/$good/;
 $t->write_file_expand('nginx.conf', $c);
@@ -100,7 +100,7 @@ my $dir = $t->testdir();
 
 sub nginx_t {
 	my ($name) = @_;
-	my $out = `$Test::Nginx::NGINX -t -p $dir/ -c $name -e $dir/error-t.log 2>&1`;
+	my $out = `$NginxWs::Harness::NGINX -t -p $dir/ -c $name -e $dir/error-t.log 2>&1`;
 	my $rc = $? >> 8;
 
 	# "nginx -t" leaves an empty pid file behind (it checks that it can create it), and

@@ -1,7 +1,8 @@
 #!/usr/bin/perl
 
 # Tests for nginx-ws: ws_max_frame_size (Close 1009 to the sender of an oversized frame,
-# 1001 to the other peer, the frame not forwarded) and ws_protocol_check (Close 1002).
+# 1001 to the other peer, the frame not forwarded), ws_max_message_size (the same for a
+# fragmented message) and ws_protocol_check (Close 1002).
 
 ###############################################################################
 
@@ -13,7 +14,7 @@ use Test::More;
 BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 use lib 'lib';
-use Test::Nginx;
+use NginxWs::Harness;
 use NginxWs;
 
 ###############################################################################
@@ -21,14 +22,9 @@ use NginxWs;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-eval {
-	require Protocol::WebSocket::Handshake::Client;
-	require Protocol::WebSocket::Handshake::Server;
-};
-plan(skip_all => 'Protocol::WebSocket not installed') if $@;
-plan(skip_all => 'nginx-ws module not loaded (TEST_NGINX_GLOBALS)') unless module_loaded();
+skip_unless_ready();
 
-my $t = Test::Nginx->new()->has(qw/http proxy/)
+my $t = NginxWs::Harness->new()->has(qw/http proxy/)
 	->write_file_expand('nginx.conf', <<'EOF');
 
 %%TEST_GLOBALS%%
@@ -61,6 +57,11 @@ http {
             ws_max_frame_size 1k;
         }
 
+        location /message {
+            proxy_pass    http://127.0.0.1:8081;
+            ws_max_message_size 1k;
+        }
+
         location /check {
             proxy_pass    http://127.0.0.1:8081;
             ws_protocol_check on;
@@ -73,7 +74,7 @@ EOF
 my $record = $t->testdir() . '/backend.log';
 
 $t->run_daemon(\&ws_echo_daemon, 8081, $record);
-$t->run()->plan(20);
+$t->run()->plan(23);
 
 $t->waitforsocket('127.0.0.1:' . port(8081))
 	or die "Can't start test backend";
@@ -130,6 +131,14 @@ is($data && scalar @$data, 0, 'oversized upstream frame not forwarded');
 is($bc && $bc->{code}, 1009, 'upstream: close 1009');
 ok($bc && $bc->{masked}, 'close to the upstream is masked');
 
+# a fragmented client message over the message size, in frames under it
+
+($f, $b) = refused('/message', ws_frame(1, 'm' x 600, fin => 0) . ws_frame(0, 'm' x 600));
+is($f && "$f->{code} $f->{reason}", '1009 message too big', 'message: close 1009');
+ok(!grep({ $_->{opcode} == 0 } @{$b || []}), 'message: the fragment over the limit not forwarded');
+($bc) = grep { $_->{opcode} == 8 } @{$b || []};
+is($bc && $bc->{code}, 1001, 'message: upstream close 1001');
+
 # protocol check: RSV1 without an extension, an unmasked client frame, a reserved opcode
 
 ($f, $b) = refused('/check/rsv', ws_frame(1, 'rsv', rsv => 4));
@@ -153,10 +162,10 @@ is($f && $f->{code}, 1002, 'control frame over 125 bytes: close 1002');
 my @r = ws_wait_records($t->testdir() . '/ws.log',
 	sub { $_[0]{event} eq 'close' && $_[0]{end} eq 'protocol_error' });
 is(join(',', map { $_->{end} } grep { $_->{event} eq 'close' } @r),
-	'too_big,too_big,protocol_error,protocol_error,protocol_error,protocol_error',
+	'too_big,too_big,too_big,protocol_error,protocol_error,protocol_error,protocol_error',
 	'close records end');
 is(join(',', map { $_->{closed_by} } grep { $_->{event} eq 'close' } @r),
-	'proxy,proxy,proxy,proxy,proxy,proxy', 'close records closed_by');
+	'proxy,proxy,proxy,proxy,proxy,proxy,proxy', 'close records closed_by');
 
 $t->stop();
 

@@ -18,7 +18,7 @@ use Test::More;
 BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 use lib 'lib';
-use Test::Nginx;
+use NginxWs::Harness;
 use NginxWs;
 
 ###############################################################################
@@ -26,14 +26,9 @@ use NginxWs;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-eval {
-	require Protocol::WebSocket::Handshake::Client;
-	require Protocol::WebSocket::Handshake::Server;
-};
-plan(skip_all => 'Protocol::WebSocket not installed') if $@;
-plan(skip_all => 'nginx-ws module not loaded (TEST_NGINX_GLOBALS)') unless module_loaded();
+skip_unless_ready();
 
-my $t = Test::Nginx->new()->has(qw/http proxy/)
+my $t = NginxWs::Harness->new()->has(qw/http proxy/)
 	->write_file_expand('nginx.conf', <<'EOF');
 
 %%TEST_GLOBALS%%

@@ -72,16 +72,29 @@ impl Policy {
                 Opcode::Text | Opcode::Binary => self.rsv_allowed,
                 _ => 0,
             };
-            let bad = rsv & !allowed != 0
-                || matches!(h.opcode, Opcode::Reserved(_))
-                || (h.opcode.is_control() && (h.len > 125 || !h.fin))
-                || (h.opcode == Opcode::Continuation && !in_message)
-                || (matches!(h.opcode, Opcode::Text | Opcode::Binary) && in_message)
-                || (h.opcode == Opcode::Close && h.len == 1)
-                || !h.length_encoding_valid()
-                || h.mask.is_some() != self.expect_masked;
-            if bad {
-                return Some(Violation::Protocol);
+            let broken = if rsv & !allowed != 0 {
+                Some(Rule::ReservedBits)
+            } else if matches!(h.opcode, Opcode::Reserved(_)) {
+                Some(Rule::ReservedOpcode)
+            } else if h.opcode.is_control() && h.len > 125 {
+                Some(Rule::ControlTooLong)
+            } else if h.opcode.is_control() && !h.fin {
+                Some(Rule::ControlFragmented)
+            } else if h.opcode == Opcode::Continuation && !in_message {
+                Some(Rule::OrphanContinuation)
+            } else if matches!(h.opcode, Opcode::Text | Opcode::Binary) && in_message {
+                Some(Rule::InterruptedMessage)
+            } else if h.opcode == Opcode::Close && h.len == 1 {
+                Some(Rule::CloseOneByte)
+            } else if !h.length_encoding_valid() {
+                Some(Rule::LengthEncoding)
+            } else if h.mask.is_some() != self.expect_masked {
+                Some(Rule::Masking)
+            } else {
+                None
+            };
+            if let Some(rule) = broken {
+                return Some(Violation::Protocol(rule));
             }
         }
         if self.max_frame > 0 && h.len > self.max_frame {
@@ -102,10 +115,82 @@ impl Policy {
 pub enum Violation {
     /// Over `ws_max_frame_size` or `ws_max_message_size`: Close 1009 to the sender.
     TooBig,
-    /// Broke RFC 6455 framing: Close 1002 to the sender.
-    Protocol,
-    /// Compressed data that does not inflate: Close 1007 to the sender.
+    /// Broke an RFC 6455 framing rule: Close 1002 to the sender.
+    Protocol(Rule),
+    /// Compressed data that does not inflate (`ws_protocol_check`): Close 1007 to the sender.
     Invalid,
+}
+
+/// The RFC 6455 framing rules `ws_protocol_check` enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// An RSV bit that no negotiated extension defines (5.2).
+    ReservedBits,
+    /// A reserved opcode (5.2).
+    ReservedOpcode,
+    /// A control frame with more than 125 bytes of payload (5.5).
+    ControlTooLong,
+    /// A fragmented control frame (5.5).
+    ControlFragmented,
+    /// A continuation frame with no message to continue (5.4).
+    OrphanContinuation,
+    /// A new text or binary frame inside an unfinished message (5.4).
+    InterruptedMessage,
+    /// A Close frame with a 1-byte payload (5.5.1).
+    CloseOneByte,
+    /// A length not in the minimal encoding, or a 64-bit length with the top bit set (5.2).
+    LengthEncoding,
+    /// A client frame without a mask, or a server frame with one (5.1).
+    Masking,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 9] = [
+        Rule::ReservedBits,
+        Rule::ReservedOpcode,
+        Rule::ControlTooLong,
+        Rule::ControlFragmented,
+        Rule::OrphanContinuation,
+        Rule::InterruptedMessage,
+        Rule::CloseOneByte,
+        Rule::LengthEncoding,
+        Rule::Masking,
+    ];
+
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::ReservedBits => "reserved_bits",
+            Rule::ReservedOpcode => "reserved_opcode",
+            Rule::ControlTooLong => "control_too_long",
+            Rule::ControlFragmented => "control_fragmented",
+            Rule::OrphanContinuation => "orphan_continuation",
+            Rule::InterruptedMessage => "interrupted_message",
+            Rule::CloseOneByte => "close_one_byte",
+            Rule::LengthEncoding => "length_encoding",
+            Rule::Masking => "masking",
+        }
+    }
+
+    /// For the error log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Rule::ReservedBits => "an RSV bit no extension defines (RFC 6455 5.2)",
+            Rule::ReservedOpcode => "a reserved opcode (RFC 6455 5.2)",
+            Rule::ControlTooLong => "a control frame over 125 bytes (RFC 6455 5.5)",
+            Rule::ControlFragmented => "a fragmented control frame (RFC 6455 5.5)",
+            Rule::OrphanContinuation => "a continuation with no message (RFC 6455 5.4)",
+            Rule::InterruptedMessage => "a new message inside an unfinished one (RFC 6455 5.4)",
+            Rule::CloseOneByte => "a close frame with a 1-byte payload (RFC 6455 5.5.1)",
+            Rule::LengthEncoding => "a non-minimal or out-of-range length (RFC 6455 5.2)",
+            Rule::Masking => "a frame masked the wrong way for its direction (RFC 6455 5.1)",
+        }
+    }
+
+    /// Position in [`Rule::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl Violation {
@@ -113,7 +198,7 @@ impl Violation {
     pub fn sender_close(self) -> (u16, &'static str) {
         match self {
             Violation::TooBig => (1009, "message too big"),
-            Violation::Protocol => (1002, "protocol error"),
+            Violation::Protocol(_) => (1002, "protocol error"),
             Violation::Invalid => (1007, "invalid payload data"),
         }
     }
@@ -122,7 +207,7 @@ impl Violation {
     pub fn peer_close(self) -> (u16, &'static str) {
         match self {
             Violation::TooBig => (1001, "message too big"),
-            Violation::Protocol => (1001, "protocol error"),
+            Violation::Protocol(_) => (1001, "protocol error"),
             Violation::Invalid => (1001, "invalid payload data"),
         }
     }
@@ -1232,7 +1317,18 @@ mod tests {
             let mut f = policy_flow(check);
             let mut c = Conn::new(vec![]);
             drive(&mut f, &mut c, &s, &[3], |_, _| {});
-            assert_eq!(f.violation, Some(Violation::Protocol), "{name}");
+            let rule = match name {
+                "rsv1 without extension" => Rule::ReservedBits,
+                "reserved opcode" | "reserved control opcode" => Rule::ReservedOpcode,
+                "long ping" => Rule::ControlTooLong,
+                "fragmented ping" => Rule::ControlFragmented,
+                "orphan continuation" => Rule::OrphanContinuation,
+                "unmasked client frame" => Rule::Masking,
+                "one-byte close" => Rule::CloseOneByte,
+                "new message inside a message" => Rule::InterruptedMessage,
+                _ => Rule::LengthEncoding,
+            };
+            assert_eq!(f.violation, Some(Violation::Protocol(rule)), "{name}");
             let out = frames_of(&c.out);
             assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close), "{name}");
         }
@@ -1272,7 +1368,7 @@ mod tests {
             &[9],
             |_, _| {},
         );
-        assert_eq!(f.violation, Some(Violation::Protocol));
+        assert_eq!(f.violation, Some(Violation::Protocol(Rule::Masking)));
     }
 
     #[test]
@@ -1396,6 +1492,15 @@ mod tests {
     /// What the flow must forward of `frames`, written from RFC 6455 and the policy's
     /// documented rules rather than from the flow's code: the frames before the first one the
     /// policy refuses (minus the first Pong answering the proxy's Ping), and the refusal.
+    /// A violation without its rule.
+    fn kind(v: Violation) -> u8 {
+        match v {
+            Violation::TooBig => 0,
+            Violation::Protocol(_) => 1,
+            Violation::Invalid => 2,
+        }
+    }
+
     fn model(frames: &[Spec], p: &Policy, mut watch: bool) -> (Vec<Spec>, Option<Violation>) {
         let mut out = Vec::new();
         // An unfinished message (the last data frame had no FIN), and the size counted for
@@ -1418,7 +1523,8 @@ mod tests {
             let too_big = (p.max_frame > 0 && len > p.max_frame)
                 || (p.max_message > 0 && data && base + len > p.max_message);
             if protocol {
-                return (out, Some(Violation::Protocol));
+                // The model knows that a rule broke, not which: compared by kind.
+                return (out, Some(Violation::Protocol(Rule::Masking)));
             }
             if too_big {
                 return (out, Some(Violation::TooBig));
@@ -1506,7 +1612,7 @@ mod tests {
             match close.as_deref().map(|p| &p[..2]) {
                 Some(code) if code == 1001u16.to_be_bytes() => {
                     prop_assert!(refused.is_some());
-                    prop_assert_eq!(f.violation, refused);
+                    prop_assert_eq!(f.violation.map(kind), refused.map(kind));
                     prop_assert_eq!(out.len(), want.len(), "all frames before the refused one");
                 }
                 Some(_) => {

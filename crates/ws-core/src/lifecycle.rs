@@ -200,7 +200,7 @@ impl Lifecycle {
     pub fn refused(&mut self, now: Msec, from: From, v: Violation) -> Option<CloseOrder> {
         let end = match v {
             Violation::TooBig => End::TooBig,
-            Violation::Protocol | Violation::Invalid => End::ProtocolError,
+            Violation::Protocol(_) | Violation::Invalid => End::ProtocolError,
         };
         let (sender, peer) = (v.sender_close(), v.peer_close());
         match from {
@@ -333,6 +333,7 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::Rule;
     use proptest::prelude::*;
 
     fn timers() -> Timers {
@@ -436,7 +437,9 @@ mod tests {
         let c = l.closing().unwrap();
         assert_eq!((c.end, c.code), (End::TooBig, 1009));
         let mut l = Lifecycle::new(Timers::default(), 0);
-        let o = l.refused(5, From::Client, Violation::Protocol).unwrap();
+        let o = l
+            .refused(5, From::Client, Violation::Protocol(Rule::Masking))
+            .unwrap();
         assert_eq!(o.to_client, (1002, "protocol error"));
         assert_eq!(
             l.end(EndFacts::default()),

@@ -12,7 +12,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
-use crate::flow::Event;
+use crate::flow::{Event, Rule};
 use crate::frame::Opcode;
 use crate::observe::Observed;
 use crate::record::{End, From};
@@ -206,6 +206,8 @@ pub struct Entry {
     rejects: [AtomicU64; Reject::ALL.len()],
     buckets: [AtomicU64; BUCKETS_MS.len() + 1],
     duration_ms: AtomicU64,
+    /// Frames refused by `ws_protocol_check`, from the client and the upstream, by rule.
+    violations: [[AtomicU64; Rule::ALL.len()]; 2],
 }
 
 impl Entry {
@@ -270,6 +272,12 @@ impl Entry {
         self.duration_ms.fetch_add(duration_ms, Relaxed);
     }
 
+    /// A peer's frame broke `rule` of `ws_protocol_check`.
+    pub fn violation(&self, from: From, rule: Rule) {
+        let side = usize::from(from != From::Client);
+        self.violations[side][rule.index()].fetch_add(1, Relaxed);
+    }
+
     pub fn reject(&self, reason: Reject) {
         let i = Reject::ALL.iter().position(|&r| r == reason).unwrap_or(0);
         self.rejects[i].fetch_add(1, Relaxed);
@@ -299,6 +307,7 @@ impl Entry {
             codes: self.codes.each_ref().map(CodeCounts::snapshot),
             ends: self.ends.each_ref().map(load),
             rejects: self.rejects.each_ref().map(load),
+            violations: self.violations.each_ref().map(|d| d.each_ref().map(load)),
             buckets: self.buckets.each_ref().map(load),
             duration_ms: load(&self.duration_ms),
         }
@@ -349,7 +358,8 @@ fn cut(s: &str) -> &str {
 
 const MAGIC: u64 = u64::from_le_bytes(*b"ngxwsst\0");
 /// Changes whenever the layout does: a zone left by another layout is not reused.
-const VERSION: u32 = 1;
+/// 2: protocol violations by rule.
+const VERSION: u32 = 2;
 
 /// The table header, at the start of the block.
 #[repr(C, align(64))]
@@ -623,6 +633,8 @@ pub struct EntrySnapshot {
     pub codes: [Vec<(CodeLabel, u64)>; 3],
     pub ends: [u64; ENDS.len()],
     pub rejects: [u64; Reject::ALL.len()],
+    /// Client and upstream, by [`Rule::ALL`].
+    pub violations: [[u64; Rule::ALL.len()]; 2],
     /// Per bucket (not cumulative), `+Inf` last.
     pub buckets: [u64; BUCKETS_MS.len() + 1],
     pub duration_ms: u64,

@@ -12,17 +12,29 @@ use Exporter qw/ import /;
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP;
+use Test::More qw//;
 use Time::HiRes qw/ time sleep /;
 
-use Test::Nginx qw/ port log_in log_out /;
+use NginxWs::Harness qw/ port log_in log_out /;
 
-our @EXPORT = qw/ module_loaded ws_frame ws_connect ws_send ws_read_frame ws_close_payload
-	ws_wait_closed ws_echo_daemon ws_records ws_wait_records backend_frames /;
+our @EXPORT = qw/ module_loaded skip_unless_ready ws_frame ws_connect ws_request ws_send ws_read_frame
+	ws_close_payload ws_wait_closed ws_echo_daemon ws_records ws_wait_records backend_frames /;
 
 # True if TEST_NGINX_GLOBALS loads the nginx-ws module.
 sub module_loaded {
 	return ($ENV{TEST_NGINX_GLOBALS} || '')
 		=~ /load_module\s+[^;]*(?:libnginx_ws|ngx_http_ws_module)[^;]*\.so\s*;/;
+}
+
+# Skips the whole test unless it can run: Protocol::WebSocket installed and the module loaded.
+sub skip_unless_ready {
+	eval {
+		require Protocol::WebSocket::Handshake::Client;
+		require Protocol::WebSocket::Handshake::Server;
+	};
+	Test::More::plan(skip_all => 'Protocol::WebSocket not installed') if $@;
+	Test::More::plan(skip_all => 'nginx-ws module not loaded (TEST_NGINX_GLOBALS)')
+		unless module_loaded();
 }
 
 # Encodes one frame. Options: fin (default 1), mask (default 1: client frames are masked),
@@ -111,6 +123,23 @@ sub parse_frame {
 	return $f;
 }
 
+# Reads a response head (within 3 seconds): the head and what came after it, or (what came,
+# undef) when no whole head did.
+sub read_head {
+	my ($s) = @_;
+	my $got = '';
+	$s->blocking(0);
+	while (IO::Select->new($s)->can_read(3)) {
+		my $n = $s->sysread(my $buf, 65536);
+		last unless $n;
+		log_in($buf);
+		$got .= $buf;
+		last if $got =~ /\x0d?\x0a\x0d?\x0a/;
+	}
+	my ($head, $rest) = split /\x0d?\x0a\x0d?\x0a/, $got, 2;
+	return defined $rest ? ($head, $rest) : ($got, undef);
+}
+
 # Connects to nginx at 127.0.0.1:port($port), sends the upgrade request for $uri (and
 # $pipelined bytes right behind it, in the same write) and reads the 101. Returns the socket,
 # or undef if the response was not a completed handshake.
@@ -135,17 +164,7 @@ sub ws_connect {
 	log_out($buf);
 	$s->syswrite($buf);
 
-	my $got = '';
-	$s->blocking(0);
-	while (IO::Select->new($s)->can_read(3)) {
-		my $n = $s->sysread($buf, 65536);
-		last unless $n;
-		log_in($buf);
-		$got .= $buf;
-		last if $got =~ /\x0d?\x0a\x0d?\x0a/;
-	}
-
-	my ($head, $rest) = split /\x0d?\x0a\x0d?\x0a/, $got, 2;
+	my ($head, $rest) = read_head($s);
 	return undef unless defined $head && $head =~ m!^HTTP/1\.1 101 !;
 
 	$h->parse("$head\x0d\x0a\x0d\x0a");
@@ -153,6 +172,44 @@ sub ws_connect {
 
 	${*$s}->{_ws_buf} = defined $rest ? $rest : '';
 	return $s;
+}
+
+# Sends an upgrade request for $uri to 127.0.0.1:port($port) with a valid key and version,
+# the headers in %h added (a value of undef leaves a default header out: Sec-WebSocket-Key,
+# Sec-WebSocket-Version, Connection), and reads the response head. Returns the status code,
+# the head, and the socket (after a 101: positioned at the first frame, for ws_read_frame).
+sub ws_request {
+	my ($port, $uri, %h) = @_;
+
+	my %default = (
+		'Connection' => 'Upgrade',
+		'Sec-WebSocket-Key' => 'dGhlIHNhbXBsZSBub25jZQ==',
+		'Sec-WebSocket-Version' => '13',
+	);
+	%h = (%default, %h);
+	my $method = delete $h{METHOD} || 'GET';
+
+	my $req = "$method $uri HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n";
+	for my $k (sort keys %h) {
+		$req .= "$k: $h{$k}\r\n" if defined $h{$k};
+	}
+	$req .= "\r\n";
+
+	my $s = IO::Socket::INET->new(
+		Proto => 'tcp',
+		PeerAddr => '127.0.0.1:' . port($port),
+	)
+		or die "Can't connect to nginx: $!\n";
+
+	local $SIG{PIPE} = 'IGNORE';
+	log_out($req);
+	$s->syswrite($req);
+
+	my ($head, $rest) = read_head($s);
+	return (0, $head, $s) unless defined $head && $head =~ m!^HTTP/1\.1 (\d{3}) !;
+	my $status = $1;
+	${*$s}->{_ws_buf} = defined $rest ? $rest : '';
+	return ($status, $head, $s);
 }
 
 sub ws_send {

@@ -6,6 +6,7 @@ use core::fmt::Write as _;
 use serde_json::{json, Map, Value};
 
 use super::{EntrySnapshot, Reject, Snapshot, BUCKETS_MS, DIRECTIONS, ENDS};
+use crate::flow::Rule;
 use crate::frame::Opcode;
 
 /// Opcodes printed always; reserved ones only when seen.
@@ -92,6 +93,18 @@ fn entry_json(e: &EntrySnapshot) -> Value {
         .zip(&e.rejects)
         .map(|(r, n)| (r.as_str().into(), (*n).into()))
         .collect();
+    let violations: Map<String, Value> = ["client", "upstream"]
+        .iter()
+        .zip(&e.violations)
+        .map(|(side, counts)| {
+            let m: Map<String, Value> = Rule::ALL
+                .iter()
+                .zip(counts)
+                .map(|(r, n)| (r.as_str().into(), (*n).into()))
+                .collect();
+            ((*side).into(), m.into())
+        })
+        .collect();
     let mut cumulative = 0;
     let buckets: Vec<Value> = e
         .buckets
@@ -117,6 +130,7 @@ fn entry_json(e: &EntrySnapshot) -> Value {
         "close_codes": codes,
         "ends": ends,
         "rejects": rejects,
+        "protocol_violations": violations,
         "duration": {
             "buckets": buckets,
             "sum_seconds": e.duration_ms as f64 / 1000.0,
@@ -300,6 +314,23 @@ pub fn prometheus(zone: &str, s: &Snapshot) -> String {
     }
 
     p.family(
+        "nginx_ws_protocol_violations_total",
+        "counter",
+        "Frames refused by ws_protocol_check, by the peer that sent them and the RFC 6455 rule.",
+    );
+    for e in &s.entries {
+        for (side, counts) in ["client", "upstream"].iter().zip(&e.violations) {
+            for (r, n) in Rule::ALL.iter().zip(counts) {
+                let l = labels(
+                    e,
+                    &[("direction", (*side).into()), ("rule", r.as_str().into())],
+                );
+                emit(&mut p, "nginx_ws_protocol_violations_total", l, n);
+            }
+        }
+    }
+
+    p.family(
         "nginx_ws_tunnel_duration_seconds",
         "histogram",
         "How long closed tunnels were open.",
@@ -389,6 +420,7 @@ mod tests {
             2_500,
         );
         e.reject(Reject::Origin);
+        e.violation(From::Upstream, Rule::Masking);
         m.table.count_log_dropped(3);
         m.table.slot(Key::new("", "x"), || ());
         let (o, _) = m.table.slot(Key::new("", "y"), || ());
@@ -417,6 +449,8 @@ mod tests {
         assert_eq!(e["messages"]["client"], json!({"text": 1, "binary": 0}));
         assert_eq!(e["close_codes"]["client"], json!({"1000": 1}));
         assert_eq!(e["close_codes"]["upstream"], json!({}));
+        assert_eq!(e["protocol_violations"]["upstream"]["masking"], 1);
+        assert_eq!(e["protocol_violations"]["client"]["masking"], 0);
         assert_eq!(e["close_codes"]["proxy"], json!({"1001": 1}));
         assert_eq!(e["ends"]["idle_timeout"], 1);
         assert_eq!(e["ends"].as_object().unwrap().len(), ENDS.len());
@@ -462,6 +496,12 @@ mod tests {
         has(r#"nginx_ws_tunnel_duration_seconds_sum{route="",upstream="chat \"a\"\\b"} 2.500"#);
         has(r#"nginx_ws_tunnels_opened_total{route="(other)",upstream="(other)"} 1"#);
         has("nginx_ws_log_records_dropped_total 3");
+        has(
+            r#"nginx_ws_protocol_violations_total{route="",upstream="chat \"a\"\\b",direction="upstream",rule="masking"} 1"#,
+        );
+        has(
+            r#"nginx_ws_protocol_violations_total{route="",upstream="chat \"a\"\\b",direction="client",rule="masking"} 0"#,
+        );
         has(r#"nginx_ws_status_zone_capacity{zone="ws"} 2"#);
         // Each family has exactly one HELP and TYPE line.
         let types: Vec<&str> = t.lines().filter(|l| l.starts_with("# TYPE")).collect();

@@ -1,0 +1,103 @@
+//! Child processes and ports for the test runs: everything listens on 127.0.0.1, on ports
+//! chosen at run time, and every child is stopped when its guard goes away.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16, Error> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::msg(format!("no free port: {e}")))
+}
+
+/// A running child, signalled and reaped when dropped.
+pub struct Guard {
+    child: Child,
+    what: String,
+    /// The signal that stops it gracefully (nginx: QUIT, which writes buffered logs out).
+    stop_signal: i32,
+}
+
+impl Guard {
+    /// Starts `cmd` with stdin from /dev/null and stdout and stderr appended to `log`.
+    pub fn spawn(
+        what: &str,
+        cmd: &mut Command,
+        log: &Path,
+        stop_signal: i32,
+    ) -> Result<Self, Error> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::msg(format!("{}: {e}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| Error::msg(format!("{}: {e}", log.display())))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::msg(format!("cannot start {what}: {e}")))?;
+        Ok(Guard {
+            child,
+            what: what.to_owned(),
+            stop_signal,
+        })
+    }
+
+    /// Waits up to 10 s until the child listens on 127.0.0.1:port.
+    pub fn wait_port(&mut self, port: u16) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::msg(format!("{} exited ({status})", self.what)));
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            sleep(Duration::from_millis(100));
+        }
+        Err(Error::msg(format!(
+            "{} does not listen on 127.0.0.1:{port}",
+            self.what
+        )))
+    }
+
+    /// Sends the stop signal, waits up to 30 s, then kills.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) on our own child, which has not been reaped (try_wait said it
+            // is still running), so the pid cannot belong to another process.
+            unsafe { libc::kill(pid, self.stop_signal) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -12,9 +12,15 @@
 //! - `observer-not-inflating`: the same stream when nothing needs inflating (what every
 //!   compressed tunnel without capture or `ws_max_inflated_size` costs, as before).
 //!
+//!
+//! It also prints the heap a direction holds once it inflates (window 9, 12 and 15 bits), and
+//! before (nothing needs inflating), measured with a counting allocator.
+//!
 //!     cargo bench -p ws-core --bench inflate
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
@@ -22,6 +28,33 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use ws_core::frame::{encode_header, unmask, FrameHeader, Opcode};
 use ws_core::inflate::Stream;
 use ws_core::observe::{Capture, Direction, Inflate, Observed};
+
+/// Live heap bytes.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Relaxed);
+        // SAFETY: the caller's layout, as GlobalAlloc requires.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Relaxed);
+        // SAFETY: allocated by System with this layout.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_sub(l.size(), Relaxed);
+        LIVE.fetch_add(n, Relaxed);
+        // SAFETY: allocated by System with this layout.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 const MESSAGES: usize = 1000;
 const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
@@ -76,7 +109,42 @@ fn wire(payloads: &[Vec<u8>]) -> Vec<u8> {
     s
 }
 
+/// The heap one direction holds after its first compressed message, by window.
+fn memory() {
+    for bits in [9u8, 12, 15] {
+        let mut c = Compress::new_with_window_bits(Compression::default(), false, bits);
+        let mut p = Vec::with_capacity(2048);
+        c.compress_vec(&message(0), &mut p, FlushCompress::Sync)
+            .unwrap();
+        p.truncate(p.len() - 4);
+        let s = wire(&[p]);
+        let stream = Stream {
+            window_bits: bits,
+            no_context_takeover: false,
+        };
+        let mut sizes = Vec::new();
+        for inflate in [Inflate::Off, Inflate::On { stream, limit: 0 }] {
+            let cap = Capture {
+                payload: 256,
+                deflate: true,
+                inflate,
+            };
+            let before = LIVE.load(Relaxed);
+            let mut d = Direction::new();
+            d.feed(&s, cap, |_| {});
+            sizes.push(LIVE.load(Relaxed) - before);
+            drop(d);
+        }
+        eprintln!(
+            "memory of one direction after a compressed message, window {bits} bits: \
+             {} B not inflating, {} B inflating (256-byte prefix kept)",
+            sizes[0], sizes[1]
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    memory();
     let payloads = compressed();
     let s = wire(&payloads);
     let reads: Vec<&[u8]> = s.chunks(4093).collect();

@@ -16,6 +16,9 @@ use crate::observe::{Capture, Direction, Observed, Verdict};
 /// data under `ws_protocol_check`); larger ones are judged as they pass.
 pub const INFLATE_HOLD_MAX: u64 = 16 * 1024;
 
+/// A hold buffer that grew past this (a held compressed frame) is freed once released.
+const HELD_KEEP: usize = 4096;
+
 /// Result of one write to the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Write {
@@ -718,6 +721,10 @@ impl Flow {
             }
         }
         if own.held_release && own.held_off == own.held.len() {
+            if own.held.capacity() > HELD_KEEP {
+                // A whole compressed frame was held: do not keep its room for the tunnel's life.
+                own.held = Vec::new();
+            }
             own.held.clear();
             own.held_off = 0;
             own.held_release = false;

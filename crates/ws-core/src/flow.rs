@@ -9,7 +9,7 @@
 //! bytes, as `SSL_write` requires.
 
 use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
-use crate::observe::{Capture, Direction, Observed, Verdict};
+use crate::observe::{Capture, Direction, Inflate, Observed, Verdict};
 
 /// Compressed frames up to this size on the wire are held whole and inflated before they are
 /// forwarded when the proxy judges what they inflate to (`ws_max_inflated_size`, or invalid
@@ -572,8 +572,13 @@ impl Flow {
             let mut judged: Option<u64> = None;
 
             if self.closed && !matches!(self.retry, Some(Src::Peer(_))) {
-                // Swallow: the proxy has closed this direction. Still watch for the peer's Close.
-                self.obs.feed(rest, self.capture, |o| on(Event::Peer(o)));
+                // Swallow: the proxy has closed this direction. Still watch for the peer's Close,
+                // but inflate nothing more: a sender of bombs costs no more CPU once refused.
+                let cap = Capture {
+                    inflate: Inflate::Off,
+                    ..self.capture
+                };
+                self.obs.feed(rest, cap, |o| on(Event::Peer(o)));
                 return Sent::Consumed(buf.len());
             }
 

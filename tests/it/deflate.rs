@@ -476,7 +476,10 @@ ws.onmessage = () => {{
     }
     let ngx = Nginx::spawn_in(dir, &conf, port);
     let profile = tempfile::tempdir().expect("profile dir");
-    let browser = Command::new("chromium")
+    // No --dump-dom and no virtual time budget: the browser keeps the page open, in real time,
+    // until the log shows the tunnel closed (slow machines and valgrind included); dropping
+    // the child ends it.
+    let _browser = Command::new("chromium")
         .args([
             "--headless",
             "--no-sandbox",
@@ -487,21 +490,14 @@ ws.onmessage = () => {{
             "--disable-component-update",
             "--disable-sync",
             "--ignore-certificate-errors",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("https://127.0.0.1:{port}/page.html"))
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), browser)
-        .await
-        .expect("chromium finished")
+        .spawn()
         .expect("chromium (scripts/test installs Debian's chromium)");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    // The page may be cut short by the virtual time budget: the log is what counts.
     let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
     let open = of_event(&recs, "open")[0];
     assert!(
@@ -509,7 +505,7 @@ ws.onmessage = () => {{
             .as_str()
             .unwrap_or("")
             .starts_with("permessage-deflate"),
-        "{open} {dom}"
+        "{open}"
     );
     eprintln!("chromium negotiated: {}", open["extensions"]);
     let texts = [

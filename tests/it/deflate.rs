@@ -523,3 +523,34 @@ ws.onmessage = () => {{
     check_messages(&all, "client", &sent, true, "chromium");
     check_messages(&all, "upstream", &sent, true, "chromium");
 }
+
+/// A bomb in a compressed frame larger than the 16 KiB the proxy holds: it is inflated as it
+/// passes, and where it crosses `ws_max_inflated_size` the rest of the frame is not forwarded;
+/// the sender gets 1009, the backend no Close (none can go inside a frame) and the connections
+/// close after `ws_close_timeout`; end `too_big`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflate_bomb_in_a_large_frame() {
+    let mut s = server(json!({})).await;
+    let ngx = Nginx::start(
+        1,
+        "",
+        &location(
+            "/",
+            s.port,
+            "ws_max_inflated_size 64k; ws_close_timeout 1s;",
+        ),
+    );
+    let bomb = json!([{"kind": "noise+zeros", "size": 4 << 20, "seed": 3, "expect_close": true}]);
+    let out = peer(
+        "client",
+        json!({"port": ngx.port, "messages": bomb, "expect_close_from_proxy": true}),
+    )
+    .await;
+    assert_eq!(out["close_code"], 1009, "{out}");
+    // The backend got part of a frame and then the end of the connection.
+    assert_eq!(s.close_code().await, 1006);
+    let recs = ngx.wait_records("logs/ws.log", closes(1)).await;
+    let c = of_event(&recs, "close")[0];
+    assert_eq!(c["end"], "too_big", "{c}");
+    assert_eq!(c["upstream"]["messages"], 0, "{c}");
+}

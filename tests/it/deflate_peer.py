@@ -44,6 +44,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 def message(kind, size, seed):
     if kind == "zeros":
         return bytes(size)
+    if kind == "noise+zeros":
+        # 20000 incompressible bytes (over the proxy's 16 KiB hold) before `size` zeros.
+        return random.Random(seed).randbytes(20000) + bytes(size)
     rnd = random.Random(seed)
     if kind == "text":
         words = ["hello", "world", "nginx", "frame", "deflate", "tunnel", "json", "42", "{}"]

@@ -312,6 +312,8 @@ pub struct LocConf {
     /// Size limits in bytes; `Some(0)` is `off`. Set through `cmd->offset`.
     pub max_frame: Option<usize>,
     pub max_message: Option<usize>,
+    /// `ws_max_inflated_size`: largest uncompressed message; `Some(0)` is `off`.
+    pub max_inflated: Option<usize>,
     /// `ws_protocol_check`, set by nginx's own `ngx_conf_set_flag_slot`, which wants an
     /// `ngx_flag_t` starting at `NGX_CONF_UNSET` (the one field that keeps nginx's convention).
     pub protocol_check: ngx_flag_t,
@@ -339,6 +341,7 @@ impl Default for LocConf {
             drain: None,
             max_frame: None,
             max_message: None,
+            max_inflated: None,
             protocol_check: NGX_CONF_UNSET,
             routes: None,
             origins: None,
@@ -398,6 +401,10 @@ impl LocConf {
         self.max_message.unwrap_or(0)
     }
 
+    pub fn max_inflated(&self) -> usize {
+        self.max_inflated.unwrap_or(0)
+    }
+
     pub fn protocol_check(&self) -> bool {
         self.protocol_check == 1
     }
@@ -411,6 +418,7 @@ impl LocConf {
             || self.drain() > 0
             || self.max_frame() > 0
             || self.max_message() > 0
+            || self.max_inflated() > 0
             || self.protocol_check()
     }
 
@@ -451,6 +459,7 @@ impl Merge for LocConf {
         inherit(&mut self.drain, prev.drain, 0);
         inherit(&mut self.max_frame, prev.max_frame, 0);
         inherit(&mut self.max_message, prev.max_message, 0);
+        inherit(&mut self.max_inflated, prev.max_inflated, 0);
         inherit(&mut self.handshake_strict, prev.handshake_strict, false);
         if self.protocol_check == NGX_CONF_UNSET {
             self.protocol_check = if prev.protocol_check == NGX_CONF_UNSET {

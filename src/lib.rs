@@ -6,7 +6,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // The pure core, under the names the glue has always used.
-pub(crate) use ws_core::{flow, frame, lifecycle, observe, record, route};
+pub(crate) use ws_core::{flow, frame, inflate, lifecycle, observe, record, route};
 
 pub mod conf;
 mod drain;
@@ -165,7 +165,7 @@ mod glue {
     /// The module's directives. Configuration owns them all (crate::conf), but for the two of
     /// the metrics, whose handlers install the zone's init callback and the content handler
     /// (crate::status).
-    static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 18] = [
+    static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 19] = [
         command(
             ngx_string!("ws_log"),
             LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
@@ -249,6 +249,12 @@ mod glue {
             LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
             conf::ngx_http_ws_set_size_or_off,
             offset_of!(LocConf, max_message),
+        ),
+        command(
+            ngx_string!("ws_max_inflated_size"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            conf::ngx_http_ws_set_size_or_off,
+            offset_of!(LocConf, max_inflated),
         ),
         // nginx's own on|off setter, on an ngx_flag_t.
         command(

@@ -26,8 +26,9 @@ use crate::conf::{events, LocConf};
 use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
 use crate::http::{addr_text, find_header, non_empty};
+use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
-use crate::observe::{Capture, Direction, Observed};
+use crate::observe::{Capture, Direction, Inflate, Observed};
 use crate::record::{
     CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
     SideRecord,
@@ -177,7 +178,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     let capture = Capture {
         payload: lcf.payload(),
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
+        inflate: Inflate::Off,
     };
+    let (client_inflate, upstream_inflate) = inflation(lcf, &req.headers_out.headers);
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
     // cleanup of its pool, before the pool's memory (which holds the value) is freed.
     let request_id = mcf.and_then(|m| unsafe { crate::http::request_id(r, m.request_id_index) });
@@ -200,6 +203,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         protocol_check: lcf.protocol_check(),
         expect_masked: true,
         rsv_allowed: rsv_allowed(extensions.as_deref()),
+        max_inflated: lcf.max_inflated() as u64,
     };
     let now = now_msec();
     let timers = Timers {
@@ -222,9 +226,19 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         client_recv,
         upstream_recv,
         finalize: u.finalize_request,
-        to_upstream: Flow::new(capture, policy, (ngx_random() as u32) | 1),
+        to_upstream: Flow::new(
+            Capture {
+                inflate: client_inflate,
+                ..capture
+            },
+            policy,
+            (ngx_random() as u32) | 1,
+        ),
         to_client: Flow::new(
-            capture,
+            Capture {
+                inflate: upstream_inflate,
+                ..capture
+            },
             Policy {
                 expect_masked: false,
                 ..policy
@@ -255,8 +269,11 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     // Only time directives and the policy make the proxy write frames of its own (Pings,
     // Closes); without them it never closes a tunnel itself.
-    let proxy_writes =
-        tunnel_timed || policy.max_frame > 0 || policy.max_message > 0 || policy.protocol_check;
+    let proxy_writes = tunnel_timed
+        || policy.max_frame > 0
+        || policy.max_message > 0
+        || policy.protocol_check
+        || policy.max_inflated > 0;
     // SAFETY: the connections and upstream are live; the originals are kept in the tunnel,
     // which outlives both wrappers (they are restored in `finish`).
     unsafe {
@@ -406,6 +423,38 @@ fn upstream_label(u: &ngx::ffi::ngx_http_upstream_t) -> Option<String> {
 fn now_msec() -> ngx_msec_t {
     // SAFETY: nginx's cached clock, updated by the event loop in this thread.
     unsafe { ngx_current_msec }
+}
+
+/// How the client's and the upstream's compressed messages are inflated: only where something
+/// needs their bytes (payload capture in `message` records, or `ws_max_inflated_size`), and
+/// only when the 101 negotiated permessage-deflate alone.
+fn inflation(lcf: &LocConf, headers_out: &ngx::ffi::ngx_list_t) -> (Inflate, Inflate) {
+    let capture =
+        lcf.payload() > 0 && lcf.events() & events::MESSAGE != 0 && !lcf.logs().is_empty();
+    if !capture && lcf.max_inflated() == 0 {
+        return (Inflate::Off, Inflate::Off);
+    }
+    let values = crate::http::header_values(headers_out, b"sec-websocket-extensions");
+    let joined = values
+        .iter()
+        .map(|v| String::from_utf8_lossy(v))
+        .collect::<Vec<_>>()
+        .join(",");
+    let limit = lcf.max_inflated() as u64;
+    match inflate::negotiated(&joined) {
+        Extensions::None => (Inflate::Off, Inflate::Off),
+        Extensions::Deflate { client, server } => (
+            Inflate::On {
+                stream: client,
+                limit,
+            },
+            Inflate::On {
+                stream: server,
+                limit,
+            },
+        ),
+        Extensions::Unsupported => (Inflate::Unsupported, Inflate::Unsupported),
+    }
 }
 
 /// RSV bits the extensions negotiated in the 101 may use: permessage-deflate uses RSV1; for
@@ -676,7 +725,7 @@ impl Recorder {
                 self.logs.write(&rec);
             }
             Event::Peer(Observed::Message(m)) => {
-                let captured = self.payload > 0 && !m.compressed;
+                let captured = self.payload > 0 && (!m.compressed || m.inflated);
                 let payload = captured.then_some(PayloadField {
                     text: m.kind == Opcode::Text,
                     bytes: &m.payload,
@@ -698,6 +747,8 @@ impl Recorder {
                     compressed: m.compressed,
                     payload,
                     payload_truncated: payload.map(|p| p.truncated),
+                    inflated_len: m.inflated_len,
+                    inflate_error: m.inflate_error.map(InflateError::as_str),
                 };
                 self.logs.write(&rec);
             }
@@ -955,6 +1006,16 @@ impl Tunnel {
                 if let Some(s) = self.rec.stats {
                     s.entry().violation(from, rule);
                 }
+            }
+            Violation::Invalid => {
+                ngx_log_error!(
+                    NGX_LOG_INFO,
+                    log,
+                    "ws: {} sent compressed data that does not inflate (ws_protocol_check), \
+                     closing with {}",
+                    from.as_str(),
+                    v.sender_close().0
+                );
             }
         }
         if let Some(order) = self.life.refused(now, from, v) {

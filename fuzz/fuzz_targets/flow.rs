@@ -10,7 +10,7 @@ use std::rc::Rc;
 use libfuzzer_sys::fuzz_target;
 use nginx_ws_fuzz::flow::{Event as FlowEvent, Flow, Policy, Sent, Sink, Write};
 use nginx_ws_fuzz::frame::{unmask, Event, FrameHeader, Opcode, Parser};
-use nginx_ws_fuzz::observe::Capture;
+use nginx_ws_fuzz::observe::{Capture, Inflate};
 
 struct Conn {
     out: Vec<u8>,
@@ -121,11 +121,13 @@ fuzz_target!(|data: &[u8]| {
         protocol_check: head[2] & 1 == 1,
         expect_masked: head[2] & 2 == 2,
         rsv_allowed: head[3] & 7,
+        max_inflated: 0,
     };
     let mut flow = Flow::new(
         Capture {
             payload: usize::from(head[4]),
             deflate: head[3] & 8 == 8,
+            inflate: Inflate::Off,
         },
         policy,
         u32::from(head[5]),

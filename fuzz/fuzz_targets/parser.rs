@@ -22,7 +22,15 @@ type Totals = (u64, u64, u64, u64, bool, Option<u16>, Option<String>);
 
 fn totals(d: &Direction) -> Totals {
     let r = d.close_reason().map(str::to_owned);
-    (d.frames, d.messages, d.bytes, d.data_frames, d.close_sent, d.close_code, r)
+    (
+        d.frames,
+        d.messages,
+        d.bytes,
+        d.data_frames,
+        d.close_sent,
+        d.close_code,
+        r,
+    )
 }
 
 fn count(chunks: &[&[u8]]) -> Totals {
@@ -40,15 +48,29 @@ fn run(chunks: &[&[u8]], cap: Capture) -> (u64, u64, u64, u64, u64) {
         d.feed(c, cap, |o| match o {
             Observed::Frame(f) => {
                 let x = f.header;
-                h.add(&[0, x.opcode.as_u8(), u8::from(x.fin), u8::from(x.rsv1), x.header_len]);
+                h.add(&[
+                    0,
+                    x.opcode.as_u8(),
+                    u8::from(x.fin),
+                    u8::from(x.rsv1),
+                    x.header_len,
+                ]);
                 h.add(&x.len.to_le_bytes());
-                h.add(&[u8::from(f.truncated), f.message_kind.map_or(99, |k| k.as_u8())]);
+                h.add(&[
+                    u8::from(f.truncated),
+                    f.message_kind.map_or(99, |k| k.as_u8()),
+                ]);
                 h.add(f.payload.unwrap_or(b"-"));
                 h.add(&f.close_code.unwrap_or(0).to_le_bytes());
                 h.add(f.close_reason.as_deref().unwrap_or("-").as_bytes());
             }
             Observed::Message(m) => {
-                h.add(&[1, m.kind.as_u8(), u8::from(m.compressed), u8::from(m.truncated)]);
+                h.add(&[
+                    1,
+                    m.kind.as_u8(),
+                    u8::from(m.compressed),
+                    u8::from(m.truncated),
+                ]);
                 h.add(&m.len.to_le_bytes());
                 h.add(&m.frames.to_le_bytes());
                 h.add(&m.payload);
@@ -66,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
     let cap = Capture {
         payload: usize::from(data[0] & 0x3f),
         deflate: data[1] & 1 == 1,
+        inflate: Default::default(),
     };
     let step = usize::from(data[2]).max(1);
     let stream = &data[3..];

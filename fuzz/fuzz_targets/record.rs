@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let (head, payload) = data.split_at(4);
     let text = head[0] & 1 == 1;
     let truncated = head[0] & 2 == 2;
-    let p = PayloadField { text, bytes: payload, truncated };
+    let p = PayloadField {
+        text,
+        bytes: payload,
+        truncated,
+    };
     let reason = String::from_utf8_lossy(payload);
     let rec = FrameRecord {
         time: "2026-11-23T22:00:00.000Z",
@@ -52,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
             .unwrap();
         assert_eq!(b, payload);
     } else if !truncated {
-        assert_eq!(v["payload"].as_str().unwrap(), String::from_utf8_lossy(payload));
+        assert_eq!(
+            v["payload"].as_str().unwrap(),
+            String::from_utf8_lossy(payload)
+        );
     }
     let m = MessageRecord {
         time: "t",
@@ -66,6 +73,8 @@ fuzz_target!(|data: &[u8]| {
         compressed: false,
         payload: Some(p),
         payload_truncated: Some(truncated),
+        inflated_len: Some(payload.len() as u64),
+        inflate_error: Some(&reason),
     };
     out.clear();
     m.write_line(&mut out).unwrap();

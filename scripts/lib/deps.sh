@@ -66,8 +66,8 @@ install_prometheus() {
     fi
 }
 
-# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server), and
-# Prometheus.
+# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server),
+# Debian's chromium (a real browser, headless) and Prometheus.
 install_test_deps() {
     install_prometheus
     if ! command -v python3 >/dev/null; then
@@ -83,6 +83,8 @@ install_test_deps() {
         deps_say "python3 cannot import websockets"
         exit 1
     }
+    # A real browser for the compressed-tunnel test (tests/it/deflate.rs): Debian's chromium.
+    command -v chromium >/dev/null || install_packages chromium
 }
 
 # The nginx-tests-format suite (tests/nginx/*.t): perl's prove, Protocol::WebSocket and

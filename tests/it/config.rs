@@ -227,3 +227,24 @@ fn ws_log_payload_bad_values() {
         "\"ws_log_payload\" directive is duplicate",
     );
 }
+
+#[test]
+fn ws_max_inflated_size_values() {
+    let (ok, out) = nginx_t(&main_conf(
+        1,
+        &format!(
+            "ws_max_inflated_size 1m;\nserver {{ listen 127.0.0.1:{}; \
+             location / {{ ws_max_inflated_size off; }} location /b {{ ws_max_inflated_size 64k; }} }}",
+            free_port()
+        ),
+    ));
+    assert!(ok, "{out}");
+    check_fails(
+        &in_location("ws_max_inflated_size lots;"),
+        "invalid value \"lots\" in \"ws_max_inflated_size\" directive",
+    );
+    check_fails(
+        &in_location("ws_max_inflated_size 1m; ws_max_inflated_size 2m;"),
+        "\"ws_max_inflated_size\" directive is duplicate",
+    );
+}

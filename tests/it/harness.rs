@@ -71,6 +71,11 @@ impl Nginx {
         start_with_files(conf, port, &[])
     }
 
+    /// Starts nginx in a prefix directory the test prepared.
+    pub fn spawn_in(dir: tempfile::TempDir, conf: &str, port: u16) -> Nginx {
+        Nginx::spawn(dir, conf, port)
+    }
+
     fn spawn(dir: tempfile::TempDir, conf: &str, port: u16) -> Nginx {
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         std::fs::write(dir.path().join("nginx.conf"), conf).expect("write conf");

@@ -9,7 +9,15 @@
 //! bytes, as `SSL_write` requires.
 
 use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
-use crate::observe::{Capture, Direction, Observed};
+use crate::observe::{Capture, Direction, Inflate, Observed, Verdict};
+
+/// Compressed frames up to this size on the wire are held whole and inflated before they are
+/// forwarded when the proxy judges what they inflate to (`ws_max_inflated_size`, or invalid
+/// data under `ws_protocol_check`); larger ones are judged as they pass.
+pub const INFLATE_HOLD_MAX: u64 = 16 * 1024;
+
+/// A hold buffer that grew past this (a held compressed frame) is freed once released.
+const HELD_KEEP: usize = 4096;
 
 /// Result of one write to the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +56,14 @@ pub struct Policy {
     /// RSV bits (RSV1 = 4, RSV2 = 2, RSV3 = 1) that negotiated extensions allow on the first
     /// frame of a message.
     pub rsv_allowed: u8,
+    /// Largest uncompressed message (0: no limit): compressed messages are judged by what
+    /// they inflate to (see [`Capture::inflate`]), the others by their size.
+    pub max_inflated: u64,
 }
 
 impl Policy {
     fn active(&self) -> bool {
-        self.max_frame > 0 || self.max_message > 0 || self.protocol_check
+        self.max_frame > 0 || self.max_message > 0 || self.protocol_check || self.max_inflated > 0
     }
 
     /// Judges a frame header against the policy, given whether a message is in progress and
@@ -109,6 +120,8 @@ pub enum Violation {
     TooBig,
     /// Broke an RFC 6455 framing rule: Close 1002 to the sender.
     Protocol(Rule),
+    /// Compressed data that does not inflate (`ws_protocol_check`): Close 1007 to the sender.
+    Invalid,
 }
 
 /// The RFC 6455 framing rules `ws_protocol_check` enforces.
@@ -189,6 +202,7 @@ impl Violation {
         match self {
             Violation::TooBig => (1009, "message too big"),
             Violation::Protocol(_) => (1002, "protocol error"),
+            Violation::Invalid => (1007, "invalid payload data"),
         }
     }
 
@@ -197,6 +211,7 @@ impl Violation {
         match self {
             Violation::TooBig => (1001, "message too big"),
             Violation::Protocol(_) => (1001, "protocol error"),
+            Violation::Invalid => (1001, "invalid payload data"),
         }
     }
 }
@@ -372,7 +387,55 @@ impl Flow {
 
     /// Whether frames are judged (policy or an awaited Pong) before they are forwarded.
     fn judging(&self) -> bool {
-        self.policy.active() || self.watching_pong()
+        self.policy.active() || self.watching_pong() || self.capture.inflate.limit() > 0
+    }
+
+    /// Whether compressed frames are inflated before they are forwarded, to be judged.
+    fn inflate_judged(&self) -> bool {
+        self.capture.inflate.limit() > 0 || self.policy.protocol_check
+    }
+
+    /// What the proxy does about what inflation found.
+    fn verdict_violation(&self, v: Verdict) -> Option<Violation> {
+        match v {
+            Verdict::TooBig => Some(Violation::TooBig),
+            Verdict::Corrupt => self.policy.protocol_check.then_some(Violation::Invalid),
+        }
+    }
+
+    /// The whole frame `frame`, at the boundary, is inflated before it is forwarded (when it
+    /// belongs to a compressed message the proxy judges); says what the policy makes of it.
+    fn judge_inflated(&mut self, frame: &[u8]) -> Option<Violation> {
+        if !self.inflate_judged() {
+            return None;
+        }
+        let v = self.obs.inflate_ahead(frame, self.capture)?;
+        self.verdict_violation(v)
+    }
+
+    /// Inflation judged a frame that has (partly) passed: at a boundary, the direction closes
+    /// as for a refused frame. Inside a frame no Close can go in: a message past the inflated
+    /// size stops there (the rest is swallowed, the peer gets no Close, the tunnel's close
+    /// timeout ends it); invalid data gets its Close at the next boundary, ordered by the
+    /// tunnel.
+    fn judge_passed(&mut self) {
+        let Some(v) = self.obs.take_verdict() else {
+            return;
+        };
+        let Some(v) = self.verdict_violation(v) else {
+            return;
+        };
+        if self.closed || self.violation.is_some() {
+            return;
+        }
+        if self.at_boundary() {
+            self.refuse(v);
+        } else {
+            self.violation = Some(v);
+            if v == Violation::TooBig {
+                self.closed = true;
+            }
+        }
     }
 
     /// From now on a Pong with this payload answers the proxy's Ping: it is consumed.
@@ -451,6 +514,19 @@ impl Flow {
         sink: &mut S,
         on: &mut F,
     ) -> Sent {
+        let sent = self.send_inner(buf, sink, on);
+        if self.inflate_judged() {
+            self.judge_passed();
+        }
+        sent
+    }
+
+    fn send_inner<S: Sink, F: FnMut(Event<'_>)>(
+        &mut self,
+        buf: &[u8],
+        sink: &mut S,
+        on: &mut F,
+    ) -> Sent {
         if self.idle() {
             // The usual case, in one write: what the loop below does when the proxy has
             // nothing of its own to send, to hold or to judge.
@@ -480,6 +556,9 @@ impl Flow {
             }
         };
         loop {
+            if self.inflate_judged() {
+                self.judge_passed();
+            }
             // A write that returned "again" goes first, with the same bytes.
             if !matches!(self.retry, Some(Src::Peer(_))) {
                 match self.flush_own(sink, on) {
@@ -493,8 +572,13 @@ impl Flow {
             let mut judged: Option<u64> = None;
 
             if self.closed && !matches!(self.retry, Some(Src::Peer(_))) {
-                // Swallow: the proxy has closed this direction. Still watch for the peer's Close.
-                self.obs.feed(rest, self.capture, |o| on(Event::Peer(o)));
+                // Swallow: the proxy has closed this direction. Still watch for the peer's Close,
+                // but inflate nothing more: a sender of bombs costs no more CPU once refused.
+                let cap = Capture {
+                    inflate: Inflate::Off,
+                    ..self.capture
+                };
+                self.obs.feed(rest, cap, |o| on(Event::Peer(o)));
                 return Sent::Consumed(buf.len());
             }
 
@@ -507,7 +591,16 @@ impl Flow {
                 }
                 if self.judging() {
                     match self.judge(rest) {
-                        Judge::Forward(total) => judged = Some(total),
+                        Judge::Forward(total) => {
+                            judged = Some(total);
+                            let whole = usize::try_from(total).unwrap_or(usize::MAX);
+                            if let Some(frame) = rest.get(..whole) {
+                                if let Some(v) = self.judge_inflated(frame) {
+                                    self.refuse(v);
+                                    continue;
+                                }
+                            }
+                        }
                         Judge::Consume(len) => {
                             self.obs
                                 .feed(&rest[..len], self.capture, |o| on(Event::Peer(o)));
@@ -633,6 +726,10 @@ impl Flow {
             }
         }
         if own.held_release && own.held_off == own.held.len() {
+            if own.held.capacity() > HELD_KEEP {
+                // A whole compressed frame was held: do not keep its room for the tunnel's life.
+                own.held = Vec::new();
+            }
             own.held.clear();
             own.held_off = 0;
             own.held_release = false;
@@ -670,7 +767,22 @@ impl Flow {
         if let Some(v) = self.policy.check(&h, in_message, self.obs.counted(&h)) {
             return Judge::Violate(v);
         }
+        if self.policy.max_inflated > 0
+            && h.opcode.is_data()
+            && !self.obs.compressed(&h, self.capture)
+            && self.obs.counted(&h).saturating_add(h.len) > self.policy.max_inflated
+        {
+            return Judge::Violate(Violation::TooBig);
+        }
         let whole = u64::from(h.header_len).saturating_add(h.len);
+        if whole <= INFLATE_HOLD_MAX
+            && have.len() < whole as usize
+            && self.inflate_judged()
+            && self.obs.inflates(&h, self.capture)
+        {
+            // Held whole, to be inflated before any byte of it goes on.
+            return Judge::NeedMore(whole as usize);
+        }
         let Some(expect) = self.own.as_deref().and_then(|o| o.watch_pong.as_deref()) else {
             return Judge::Forward(whole);
         };
@@ -710,7 +822,22 @@ impl Flow {
         let mut take = 0;
         loop {
             let held = self.own.as_deref().map_or(&[][..], |o| o.held.as_slice());
-            let need = match self.judge(held) {
+            let mut verdict = self.judge(held);
+            if let Judge::Forward(total) = verdict {
+                // A whole compressed frame may still be refused for what it inflates to.
+                let frame = self
+                    .own
+                    .as_deref_mut()
+                    .map(|o| core::mem::take(&mut o.held))
+                    .unwrap_or_default();
+                let whole = usize::try_from(total).unwrap_or(usize::MAX);
+                let v = frame.get(..whole).and_then(|f| self.judge_inflated(f));
+                self.own_mut().held = frame;
+                if let Some(v) = v {
+                    verdict = Judge::Violate(v);
+                }
+            }
+            let need = match verdict {
                 Judge::NeedMore(n) => n,
                 Judge::Forward(_) => {
                     self.own_mut().held_release = true;
@@ -1382,6 +1509,7 @@ mod tests {
         match v {
             Violation::TooBig => 0,
             Violation::Protocol(_) => 1,
+            Violation::Invalid => 2,
         }
     }
 
@@ -1439,6 +1567,7 @@ mod tests {
                     protocol_check,
                     rsv_allowed,
                     expect_masked: false,
+                    max_inflated: 0,
                 },
             )
     }
@@ -1553,5 +1682,136 @@ mod tests {
                 prop_assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close));
             }
         }
+    }
+
+    /// Incompressible bytes.
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn deflate_flow(limit: u64, protocol_check: bool) -> Flow {
+        use crate::inflate::Stream;
+        use crate::observe::Inflate;
+        let capture = Capture {
+            payload: 32,
+            deflate: true,
+            inflate: Inflate::On {
+                stream: Stream::default(),
+                limit,
+            },
+        };
+        let policy = Policy {
+            protocol_check,
+            expect_masked: true,
+            rsv_allowed: 4,
+            ..Policy::default()
+        };
+        Flow::new(capture, policy, 0)
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_before_any_byte_of_it() {
+        use crate::inflate::tests::Sender;
+        use crate::inflate::Stream;
+        use crate::observe::tests::compressed_frames;
+        let m = Some([5, 6, 7, 8]);
+        let mut tx = Sender::new(Stream::default());
+        let ok = b"fine ".repeat(100);
+        let mut s = compressed_frames(&mut tx, &ok, Opcode::Text, 1, m);
+        let bomb = compressed_frames(&mut tx, &vec![0u8; 1 << 20], Opcode::Binary, 1, m);
+        assert!(bomb.len() < 1200, "{}", bomb.len());
+        s.extend(&bomb);
+        for reads in [vec![1], vec![7], vec![100_000]] {
+            let mut f = deflate_flow(64 << 10, false);
+            let mut c = Conn::new(vec![]);
+            drive(&mut f, &mut c, &s, &reads, |_, _| {});
+            let out = frames_of(&c.out);
+            let ops: Vec<Opcode> = out.iter().map(|o| o.0).collect();
+            assert_eq!(ops, [Opcode::Text, Opcode::Close], "{reads:?}");
+            assert_eq!(&out[1].1[..2], &1001u16.to_be_bytes());
+            assert_eq!(f.violation, Some(Violation::TooBig));
+        }
+    }
+
+    #[test]
+    fn compressed_messages_pass_intact_under_a_limit() {
+        use crate::inflate::tests::Sender;
+        use crate::inflate::Stream;
+        use crate::observe::tests::compressed_frames;
+        let m = Some([1, 1, 2, 3]);
+        let mut tx = Sender::new(Stream::default());
+        let mut s = Vec::new();
+        for i in 0..6 {
+            let t = format!("{i} lorem ipsum ").repeat(1 + i * 40).into_bytes();
+            s.extend(compressed_frames(&mut tx, &t, Opcode::Text, 1 + i % 3, m));
+        }
+        // A large frame (over the hold size) passes as it comes.
+        s.extend(compressed_frames(
+            &mut tx,
+            &noise(40_000),
+            Opcode::Binary,
+            1,
+            m,
+        ));
+        for reads in [vec![1], vec![3, 1000], vec![100_000]] {
+            let mut f = deflate_flow(1 << 20, true);
+            let mut c = Conn::new(vec![5, 0, 4096]);
+            let ev = drive(&mut f, &mut c, &s, &reads, |_, _| {});
+            assert_eq!(c.out, s, "{reads:?}");
+            assert_eq!(f.violation, None);
+            assert_eq!(ev.iter().filter(|e| e.starts_with("message")).count(), 7);
+        }
+    }
+
+    #[test]
+    fn invalid_compressed_data_gets_1007_under_protocol_check() {
+        let m = Some([1, 2, 3, 4]);
+        let bad = build_frame(true, Opcode::Text, m, &[0xff, 0xff, 0xff, 0xff], true);
+        for check in [true, false] {
+            let mut f = deflate_flow(0, check);
+            let mut c = Conn::new(vec![]);
+            drive(&mut f, &mut c, &bad, &[2], |_, _| {});
+            if check {
+                // Not forwarded; the receiver gets 1001, the tunnel tells the sender 1007.
+                let out = frames_of(&c.out);
+                assert_eq!(out.len(), 1);
+                assert_eq!(&out[0].1[..2], &1001u16.to_be_bytes());
+                assert_eq!(f.violation, Some(Violation::Invalid));
+                assert_eq!(Violation::Invalid.sender_close().0, 1007);
+            } else {
+                assert_eq!(c.out, bad, "without ws_protocol_check it passes untouched");
+                assert_eq!(f.violation, None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_bomb_larger_than_the_hold_stops_inside_its_frame() {
+        use crate::inflate::tests::Sender;
+        use crate::inflate::Stream;
+        use crate::observe::tests::compressed_frames;
+        let mut tx = Sender::new(Stream::default());
+        // Incompressible start (over the hold size on the wire), then a long run of zeros.
+        let mut big = noise(30_000);
+        big.extend(vec![0u8; 4 << 20]);
+        let s = compressed_frames(&mut tx, &big, Opcode::Binary, 1, Some([3, 3, 3, 3]));
+        assert!(s.len() as u64 > INFLATE_HOLD_MAX);
+        let mut f = deflate_flow(256 << 10, false);
+        let mut c = Conn::new(vec![]);
+        drive(&mut f, &mut c, &s, &[4096], |_, _| {});
+        assert_eq!(f.violation, Some(Violation::TooBig));
+        assert!(f.closed);
+        assert!(
+            c.out.len() < s.len(),
+            "the rest of the frame was not forwarded"
+        );
     }
 }

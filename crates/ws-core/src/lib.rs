@@ -9,6 +9,7 @@
 
 pub mod flow;
 pub mod frame;
+pub mod inflate;
 pub mod lifecycle;
 pub mod observe;
 pub mod record;

@@ -196,11 +196,11 @@ impl Lifecycle {
         self.close_both(now, end, (code, reason), (code, reason), (code, reason))
     }
 
-    /// A peer sent a frame the policy refused: the sender gets 1009/1002, the other 1001.
+    /// A peer sent a frame the policy refused: the sender gets 1009/1002/1007, the other 1001.
     pub fn refused(&mut self, now: Msec, from: From, v: Violation) -> Option<CloseOrder> {
         let end = match v {
             Violation::TooBig => End::TooBig,
-            Violation::Protocol(_) => End::ProtocolError,
+            Violation::Protocol(_) | Violation::Invalid => End::ProtocolError,
         };
         let (sender, peer) = (v.sender_close(), v.peer_close());
         match from {

@@ -4,7 +4,8 @@
 //! Pure Rust on top of [`crate::frame`]; the nginx glue in `tunnel.rs` feeds it the bytes a
 //! `send` really wrote and turns what it reports into log records.
 
-use crate::frame::{parse_close_payload, unmask, Event, FrameHeader, Opcode, Parser};
+use crate::frame::{parse_close_payload, peek_header, unmask, Event, FrameHeader, Opcode, Parser};
+use crate::inflate::{Exceeded, InflateError, Inflated, Inflater, Need, Stream};
 
 /// Control frames carry at most 125 payload bytes; a longer Close is kept only up to this.
 const CONTROL_MAX: usize = 125;
@@ -16,6 +17,40 @@ pub struct Capture {
     pub payload: usize,
     /// A compression extension was negotiated: RSV1 on a first frame means "compressed".
     pub deflate: bool,
+    /// Whether and how compressed messages are inflated.
+    pub inflate: Inflate,
+}
+
+/// Inflation of this direction's compressed messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Inflate {
+    /// Nothing needs the uncompressed bytes: compressed messages are only flagged.
+    #[default]
+    Off,
+    /// permessage-deflate: the sender compresses as `stream`; a message inflating to more
+    /// than `limit` bytes (0: no limit) is a [`Verdict::TooBig`].
+    On { stream: Stream, limit: u64 },
+    /// Something needs the bytes, but the negotiated extensions cannot be followed.
+    Unsupported,
+}
+
+impl Inflate {
+    /// The inflated-size limit (0: none).
+    pub fn limit(self) -> u64 {
+        match self {
+            Inflate::On { limit, .. } => limit,
+            _ => 0,
+        }
+    }
+}
+
+/// What inflation found that the proxy may act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A message inflated past the limit.
+    TooBig,
+    /// A message's compressed data is invalid.
+    Corrupt,
 }
 
 /// A data message in progress or just completed.
@@ -26,9 +61,16 @@ pub struct Message {
     pub len: u64,
     pub frames: u64,
     pub compressed: bool,
-    /// Unmasked payload prefix, when captured.
+    /// Unmasked payload prefix, when captured; for a compressed message, of its uncompressed
+    /// bytes when `inflated`.
     pub payload: Vec<u8>,
     pub truncated: bool,
+    /// A compressed message whose uncompressed prefix is in `payload`.
+    pub inflated: bool,
+    /// The uncompressed length, when the message was inflated to its end.
+    pub inflated_len: Option<u64>,
+    /// Why a compressed message that had to be inflated could not be.
+    pub inflate_error: Option<InflateError>,
 }
 
 /// The data message in progress: a [`Message`] without its payload, which is kept apart.
@@ -85,6 +127,23 @@ pub struct Direction {
     unfinished: bool,
     /// Allocated when a Close frame or a captured payload first passes.
     kept: Option<Box<Kept>>,
+    /// Allocated at the first compressed message that must be inflated.
+    deflate: Option<Box<Deflate>>,
+}
+
+/// A direction's inflation of compressed messages.
+#[derive(Debug)]
+struct Deflate {
+    inf: Inflater,
+    /// The frame about to pass (or passing) was inflated before it was forwarded
+    /// ([`Direction::inflate_ahead`]): its bytes are not inflated again.
+    ahead: bool,
+    /// The message's outcome, when its last frame was inflated ahead.
+    done: Option<Result<Inflated, Exceeded>>,
+    /// The message in progress inflated past the limit: nothing more of it is inflated.
+    exceeded: bool,
+    /// Not yet taken by [`Direction::take_verdict`].
+    verdict: Option<Verdict>,
 }
 
 /// The bytes a direction keeps of the frame passing (payload prefix, Close payload) and the
@@ -207,15 +266,27 @@ impl Direction {
         match h.opcode {
             Opcode::Text | Opcode::Binary => {
                 self.counted = self.counted(h);
+                let compressed = cap.deflate && h.rsv1;
                 self.msg = Some(InProgress {
                     kind: h.opcode,
                     len: 0,
                     frames: 0,
-                    compressed: cap.deflate && h.rsv1,
+                    compressed,
                     truncated: false,
                 });
+                if self.deflate.as_deref().is_some_and(|d| d.ahead) {
+                    // Started, and its prefix kept, when the frame was inflated ahead.
+                    return;
+                }
                 if let Some(k) = self.kept.as_deref_mut() {
                     k.message.clear();
+                }
+                if compressed {
+                    if let Inflate::On { stream, .. } = cap.inflate {
+                        let d = self.deflate_mut(stream);
+                        d.exceeded = false;
+                        d.inf.start();
+                    }
                 }
             }
             // A continuation without a start is counted as a frame, with no message.
@@ -239,7 +310,27 @@ impl Direction {
         self.counted += data.len() as u64;
         let Some(m) = self.msg.as_mut() else { return };
         m.len += data.len() as u64;
-        if cap.payload == 0 || m.compressed {
+        if m.compressed {
+            if let (Inflate::On { limit, .. }, Some(d)) = (cap.inflate, self.deflate.as_deref_mut())
+            {
+                if !d.ahead && !d.exceeded {
+                    let k = self.kept.get_or_insert_with(Box::default);
+                    let need = Need {
+                        prefix: cap.payload,
+                        limit,
+                    };
+                    if d.inf
+                        .feed(data, h.mask, offset, need, &mut k.message)
+                        .is_err()
+                    {
+                        d.exceeded = true;
+                        d.verdict = Some(Verdict::TooBig);
+                    }
+                }
+            }
+            return;
+        }
+        if cap.payload == 0 {
             return;
         }
         let k = self.kept.get_or_insert_with(Box::default);
@@ -301,6 +392,11 @@ impl Direction {
                 close_reason,
             }));
         }
+        let inflated = if h.opcode.is_data() {
+            self.inflate_end(finished, cap)
+        } else {
+            None
+        };
         if !finished {
             return;
         }
@@ -315,19 +411,187 @@ impl Direction {
             .as_deref_mut()
             .map(|k| core::mem::take(&mut k.message))
             .unwrap_or_default();
-        let m = Message {
+        let mut m = Message {
             kind: p.kind,
             len: p.len,
             frames: p.frames,
             compressed: p.compressed,
             payload,
             truncated: p.truncated,
+            inflated: false,
+            inflated_len: None,
+            inflate_error: None,
         };
+        if p.compressed {
+            match (cap.inflate, inflated) {
+                (Inflate::Unsupported, _) => m.inflate_error = Some(InflateError::Unsupported),
+                (_, Some(Ok(i))) => {
+                    m.inflated = i.error.is_none() && cap.payload > 0;
+                    m.inflated_len = i.len;
+                    m.inflate_error = i.error;
+                    m.truncated = i.len.map_or(m.payload.len() >= cap.payload, |l| {
+                        l > m.payload.len() as u64
+                    });
+                }
+                // Past the limit: the tunnel closes; the prefix is what was inflated.
+                (_, Some(Err(Exceeded))) => {
+                    m.inflated = cap.payload > 0;
+                    m.truncated = true;
+                }
+                _ => {}
+            }
+            if !m.inflated {
+                m.payload.clear();
+            }
+        }
         f(Observed::Message(&m));
         if let Some(k) = self.kept.as_deref_mut() {
             k.message = m.payload;
             k.message.clear();
         }
+    }
+}
+
+impl Direction {
+    fn deflate_mut(&mut self, stream: Stream) -> &mut Deflate {
+        self.deflate.get_or_insert_with(|| {
+            Box::new(Deflate {
+                inf: Inflater::new(stream),
+                ahead: false,
+                done: None,
+                exceeded: false,
+                verdict: None,
+            })
+        })
+    }
+
+    /// A data frame ended: the message's inflation completes when `finished`.
+    fn inflate_end(&mut self, finished: bool, cap: Capture) -> Option<Result<Inflated, Exceeded>> {
+        let Inflate::On { limit, .. } = cap.inflate else {
+            return None;
+        };
+        let d = self.deflate.as_deref_mut()?;
+        let ahead = core::mem::take(&mut d.ahead);
+        if !finished || !self.msg.is_some_and(|m| m.compressed) {
+            return None;
+        }
+        if ahead {
+            return d.done.take();
+        }
+        if d.exceeded {
+            return Some(Err(Exceeded));
+        }
+        let k = self.kept.get_or_insert_with(Box::default);
+        let need = Need {
+            prefix: cap.payload,
+            limit,
+        };
+        let r = d.inf.finish(need, &mut k.message);
+        d.verdict = match r {
+            Err(Exceeded) => Some(Verdict::TooBig),
+            Ok(Inflated {
+                error: Some(InflateError::Corrupt),
+                ..
+            }) => Some(Verdict::Corrupt),
+            Ok(_) => d.verdict,
+        };
+        Some(r)
+    }
+
+    /// Whether the data frame `h`, next at this boundary, belongs to a compressed message that
+    /// this direction inflates.
+    pub fn inflates(&self, h: &FrameHeader, cap: Capture) -> bool {
+        matches!(cap.inflate, Inflate::On { .. }) && self.compressed(h, cap)
+    }
+
+    /// Whether the data frame `h`, next at this boundary, belongs to a compressed message.
+    pub fn compressed(&self, h: &FrameHeader, cap: Capture) -> bool {
+        match h.opcode {
+            Opcode::Text | Opcode::Binary => cap.deflate && h.rsv1,
+            Opcode::Continuation => self.msg.is_some_and(|m| m.compressed),
+            _ => false,
+        }
+    }
+
+    /// Inflates the whole frame `frame` (header and payload), next at this boundary, before it
+    /// is forwarded, so that the proxy can judge it first; when it passes, its bytes are not
+    /// inflated again. Returns what the proxy may act on.
+    pub fn inflate_ahead(&mut self, frame: &[u8], cap: Capture) -> Option<Verdict> {
+        let Ok(h) = peek_header(frame) else {
+            return None;
+        };
+        let Inflate::On { stream, limit } = cap.inflate else {
+            return None;
+        };
+        if !self.inflates(&h, cap) || self.deflate.as_deref().is_some_and(|d| d.ahead) {
+            // Not inflated here, or already (a write of it that must be retried).
+            return None;
+        }
+        let start = h.opcode != Opcode::Continuation;
+        let hlen = usize::from(h.header_len);
+        let end = usize::try_from(h.len)
+            .ok()
+            .and_then(|l| l.checked_add(hlen))
+            .filter(|&e| e <= frame.len())?;
+        let need = Need {
+            prefix: cap.payload,
+            limit,
+        };
+        let k = self.kept.get_or_insert_with(Box::default);
+        if start {
+            k.message.clear();
+        }
+        let d = self.deflate.get_or_insert_with(|| {
+            Box::new(Deflate {
+                inf: Inflater::new(stream),
+                ahead: false,
+                done: None,
+                exceeded: false,
+                verdict: None,
+            })
+        });
+        if start {
+            d.exceeded = false;
+            d.inf.start();
+        }
+        d.ahead = true;
+        d.done = None;
+        if d.exceeded {
+            d.done = h.fin.then_some(Err(Exceeded));
+            return None;
+        }
+        let mut r = d
+            .inf
+            .feed(&frame[hlen..end], h.mask, 0, need, &mut k.message)
+            .map(|()| Inflated::default());
+        if h.fin && r.is_ok() {
+            r = d.inf.finish(need, &mut k.message);
+        }
+        let v = match r {
+            Err(Exceeded) => {
+                d.exceeded = true;
+                Some(Verdict::TooBig)
+            }
+            Ok(Inflated {
+                error: Some(InflateError::Corrupt),
+                ..
+            }) => Some(Verdict::Corrupt),
+            Ok(_) => None,
+        };
+        if h.fin {
+            d.done = Some(r);
+        }
+        v
+    }
+
+    /// What inflation found since the last call, for the proxy to act on.
+    pub fn take_verdict(&mut self) -> Option<Verdict> {
+        self.deflate.as_deref_mut()?.verdict.take()
+    }
+
+    /// Whether this direction holds an inflate state.
+    pub fn inflating(&self) -> bool {
+        self.deflate.as_deref().is_some_and(|d| d.inf.allocated())
     }
 }
 
@@ -345,7 +609,7 @@ fn keep(dst: &mut Vec<u8>, data: &[u8], room: usize, mask: Option<[u8; 4]>, offs
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::frame::tests::build_frame;
 
@@ -403,6 +667,7 @@ mod tests {
         let cap = Capture {
             payload: 5,
             deflate: false,
+            inflate: Inflate::Off,
         };
         let (recs, d) = run(&[&s], cap);
         assert_eq!(d.frames, 6);
@@ -459,6 +724,7 @@ mod tests {
         let cap = Capture {
             payload: 3,
             deflate: false,
+            inflate: Inflate::Off,
         };
         let (whole, _) = run(&[&s], cap);
         for cut in 0..=s.len() {
@@ -503,6 +769,7 @@ mod tests {
         let cap = Capture {
             payload: 16,
             deflate: true,
+            inflate: Inflate::Off,
         };
         let (recs, _) = run(&[&s], cap);
         match &recs[1] {
@@ -532,5 +799,171 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A compressed message `m` as `frames` frames from a sender compressing as `stream`.
+    pub(crate) fn compressed_frames(
+        tx: &mut crate::inflate::tests::Sender,
+        m: &[u8],
+        kind: Opcode,
+        frames: usize,
+        mask: Option<[u8; 4]>,
+    ) -> Vec<u8> {
+        let wire = tx.message(m);
+        let n = frames.max(1);
+        let size = wire.len().div_ceil(n).max(1);
+        let mut out = Vec::new();
+        let chunks: Vec<&[u8]> = if wire.is_empty() {
+            vec![&[]]
+        } else {
+            wire.chunks(size).collect()
+        };
+        for (i, c) in chunks.iter().enumerate() {
+            let op = if i == 0 { kind } else { Opcode::Continuation };
+            out.extend(build_frame(i + 1 == chunks.len(), op, mask, c, i == 0));
+        }
+        out
+    }
+
+    fn inflating(payload: usize, stream: Stream, limit: u64) -> Capture {
+        Capture {
+            payload,
+            deflate: true,
+            inflate: Inflate::On { stream, limit },
+        }
+    }
+
+    fn messages(recs: &[Rec]) -> Vec<Message> {
+        recs.iter()
+            .filter_map(|r| match r {
+                Rec::Message(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_at_every_split() {
+        use crate::inflate::tests::Sender;
+        let stream = Stream {
+            window_bits: 11,
+            no_context_takeover: false,
+        };
+        let mut tx = Sender::new(stream);
+        let mask = Some([9, 8, 7, 6]);
+        let texts: Vec<Vec<u8>> = (0..4)
+            .map(|i| format!("message {i} ").repeat(20 + i * 30).into_bytes())
+            .collect();
+        let mut s = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            s.extend(compressed_frames(&mut tx, t, Opcode::Text, 1 + i, mask));
+            s.extend(build_frame(true, Opcode::Ping, mask, b"x", false));
+        }
+        let cap = inflating(50, stream, 0);
+        let (whole, d) = run(&[&s], cap);
+        assert!(d.inflating());
+        let msgs = messages(&whole);
+        assert_eq!(msgs.len(), 4);
+        for (m, t) in msgs.iter().zip(&texts) {
+            assert!(m.compressed && m.inflated);
+            assert_eq!(m.payload, &t[..50]);
+            assert_eq!(m.inflated_len, Some(t.len() as u64));
+            assert_eq!(m.inflate_error, None);
+            assert!(m.truncated);
+            assert!(m.len < t.len() as u64, "len is the wire length");
+        }
+        // Frame records of compressed frames carry no payload.
+        assert!(whole.iter().all(|r| !matches!(
+            r,
+            Rec::Frame {
+                op: Opcode::Text | Opcode::Continuation,
+                payload: Some(_),
+                ..
+            }
+        )));
+        for cut in 0..=s.len() {
+            let (a, b) = s.split_at(cut);
+            assert_eq!(run(&[a, b], cap).0, whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = s.chunks(1).collect();
+        assert_eq!(run(&bytes, cap).0, whole);
+    }
+
+    #[test]
+    fn inflation_off_or_unsupported() {
+        use crate::inflate::tests::Sender;
+        let mut tx = Sender::new(Stream::default());
+        let s = compressed_frames(&mut tx, b"hello hello", Opcode::Binary, 2, None);
+        let cap = Capture {
+            payload: 16,
+            deflate: true,
+            inflate: Inflate::Off,
+        };
+        let (recs, d) = run(&[&s], cap);
+        assert!(
+            !d.inflating(),
+            "nothing allocated when nothing needs inflating"
+        );
+        let m = &messages(&recs)[0];
+        assert!(m.compressed && !m.inflated && m.payload.is_empty());
+        assert_eq!((m.inflated_len, m.inflate_error), (None, None));
+        let cap = Capture {
+            inflate: Inflate::Unsupported,
+            ..cap
+        };
+        let (recs, d) = run(&[&s], cap);
+        assert!(!d.inflating());
+        let m = &messages(&recs)[0];
+        assert!(m.payload.is_empty());
+        assert_eq!(m.inflate_error, Some(InflateError::Unsupported));
+    }
+
+    #[test]
+    fn corrupt_message_then_lost_state() {
+        use crate::inflate::tests::Sender;
+        let stream = Stream::default();
+        let mut tx = Sender::new(stream);
+        let mut s = build_frame(true, Opcode::Text, None, &[0xff, 0xff, 0xff], true);
+        s.extend(compressed_frames(&mut tx, b"fine", Opcode::Text, 1, None));
+        // An uncompressed message in between is captured as usual.
+        s.extend(build_frame(true, Opcode::Text, None, b"plain", false));
+        let cap = inflating(8, stream, 0);
+        let (recs, mut d) = run(&[&s], cap);
+        let msgs = messages(&recs);
+        assert_eq!(msgs[0].inflate_error, Some(InflateError::Corrupt));
+        assert!(msgs[0].payload.is_empty());
+        assert_eq!(msgs[1].inflate_error, Some(InflateError::StateLost));
+        assert_eq!(msgs[2].payload, b"plain");
+        assert!(!msgs[2].compressed);
+        assert_eq!(msgs[2].inflate_error, None);
+        assert_eq!(d.take_verdict(), Some(Verdict::Corrupt));
+    }
+
+    #[test]
+    fn inflated_ahead_is_not_inflated_again() {
+        use crate::inflate::tests::Sender;
+        let stream = Stream::default();
+        let mut tx = Sender::new(stream);
+        let t = b"abcabcabcabcabcabc".repeat(10);
+        let s = compressed_frames(&mut tx, &t, Opcode::Text, 3, None);
+        let cap = inflating(400, stream, 1 << 20);
+        let mut d = Direction::new();
+        let mut out = Vec::new();
+        let mut rest = &s[..];
+        while !rest.is_empty() {
+            let h = peek_header(rest).unwrap();
+            let n = usize::from(h.header_len) + h.len as usize;
+            assert_eq!(d.inflate_ahead(&rest[..n], cap), None);
+            // A retried write judges the frame again: nothing happens twice.
+            assert_eq!(d.inflate_ahead(&rest[..n], cap), None);
+            d.feed(&rest[..n], cap, |o| {
+                if let Observed::Message(m) = o {
+                    out.push(m.clone());
+                }
+            });
+            rest = &rest[n..];
+        }
+        assert_eq!(out[0].payload, t);
+        assert_eq!(out[0].inflated_len, Some(t.len() as u64));
     }
 }

@@ -167,6 +167,10 @@ pub struct MessageRecord<'a> {
     pub compressed: bool,
     pub payload: Option<PayloadField<'a>>,
     pub payload_truncated: Option<bool>,
+    /// Compressed messages: the uncompressed length, when inflated to the end.
+    pub inflated_len: Option<u64>,
+    /// Compressed messages that had to be inflated and could not be: why.
+    pub inflate_error: Option<&'a str>,
 }
 
 /// Per-side totals in a `close` record.
@@ -485,6 +489,13 @@ impl Line for MessageRecord<'_> {
         j.payload(self.payload)?;
         j.raw(",\"payload_truncated\":");
         j.opt_bool(self.payload_truncated);
+        j.raw(",\"inflated_len\":");
+        match self.inflated_len {
+            Some(n) => j.num(n),
+            None => j.raw("null"),
+        }
+        j.raw(",\"inflate_error\":");
+        j.opt_str(self.inflate_error)?;
         j.raw("}\n");
         Ok(())
     }
@@ -716,6 +727,8 @@ mod tests {
             time in ".{0,30}", conn in any::<u64>(), request_id in proptest::option::of(".{0,20}"),
             text in any::<bool>(), len in any::<u64>(), frames in any::<u64>(),
             compressed in any::<bool>(), payload in arb_payload(),
+            inflated_len in proptest::option::of(any::<u64>()),
+            inflate_error in proptest::option::of(".{0,20}"),
         ) {
             let p = payload.as_ref().map(|(text, bytes, truncated)| PayloadField {
                 text: *text, bytes, truncated: *truncated,
@@ -732,6 +745,8 @@ mod tests {
                 compressed,
                 payload: p,
                 payload_truncated: p.map(|p| p.truncated),
+                inflated_len,
+                inflate_error: inflate_error.as_deref(),
             };
             let (mut fast, mut slow) = (Vec::new(), Vec::new());
             m.write_line(&mut fast).unwrap();

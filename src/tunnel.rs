@@ -959,6 +959,8 @@ impl Tunnel {
                     s.entry().violation(from, rule);
                 }
             }
+            // The limit logged it when it refused the message, at ws_limit_log_level.
+            Violation::RateLimited => {}
         }
         if let Some(order) = self.life.refused(now, from, v) {
             self.close(now as ngx_msec_t, order);

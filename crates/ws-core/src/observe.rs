@@ -78,6 +78,8 @@ pub struct Direction {
     pub close_code: Option<u16>,
     /// Completed data frames (text, binary, continuation).
     pub data_frames: u64,
+    /// Data messages begun: Text and Binary frame headers seen (a rate limit's count).
+    pub starts: u64,
     msg: Option<InProgress>,
     /// Payload bytes counted against the message size limit; see [`Direction::counted`].
     counted: u64,
@@ -206,6 +208,7 @@ impl Direction {
         }
         match h.opcode {
             Opcode::Text | Opcode::Binary => {
+                self.starts += 1;
                 self.counted = self.counted(h);
                 self.msg = Some(InProgress {
                     kind: h.opcode,

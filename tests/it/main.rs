@@ -4,6 +4,7 @@
 mod config;
 mod examples;
 mod harness;
+mod limits;
 mod logfile;
 mod metrics;
 mod policy;

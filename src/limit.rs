@@ -293,16 +293,24 @@ impl LimitZone {
             }
             return (Verdict::Pass, 0);
         }
-        let excess = limit.excess(&n.bucket, now);
         let v = if check {
             limit.check(&n.bucket, now)
         } else {
             limit.take(&mut n.bucket, now)
         };
+        // The excess is for the error log: what the message found (an accounted one left it).
+        let excess = if check || v == Verdict::Reject {
+            limit.excess(&n.bucket, now)
+        } else {
+            n.bucket.excess
+        };
         // SAFETY: as above; the node is in the zone's LRU queue.
         unsafe {
-            queue::remove(&raw mut n.lru);
-            queue::insert_head(&raw mut (*self.sh).lru, &raw mut n.lru);
+            let head = &raw mut (*self.sh).lru;
+            if (*head).next != &raw mut n.lru {
+                queue::remove(&raw mut n.lru);
+                queue::insert_head(head, &raw mut n.lru);
+            }
         }
         (v, excess)
     }
@@ -613,6 +621,8 @@ pub struct Limiter {
     /// The worst that happened to the tunnel.
     pub status: Option<Status>,
     logged: bool,
+    /// More than one limit counts the client's (0), the upstream's (1) messages.
+    several: [bool; 2],
 }
 
 impl Limiter {
@@ -680,7 +690,10 @@ impl Limiter {
         if active.is_empty() {
             return None;
         }
+        let count = |f: From| active.iter().filter(|a| a.from == f).count();
+        let several = [count(From::Client) > 1, count(From::Upstream) > 1];
         Some(Limiter {
+            several,
             active,
             dry_run: lcf.limit_dry_run(),
             log_level: lcf.limit_log_level(),
@@ -704,7 +717,7 @@ impl Limiter {
     /// A data message from `from` begins at `now`: what every limit together says.
     pub fn admit(&mut self, from: From, now: Msec) -> Admission {
         let mine = || self.active.iter().filter(|a| a.from == from);
-        let several = mine().count() > 1;
+        let several = self.several[usize::from(from != From::Client)];
         let mut verdict = Verdict::Pass;
         let mut worst: Option<(u64, &LimitZone)> = None;
         // Each must pass: with several, the refusing ones are asked first, so that a refused

@@ -325,7 +325,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             t.to_client.limit_messages();
         }
     }
-    t.passive = !proxy_writes && !t.rec.wants_events() && t.limiter.is_none();
+    // A limited direction goes through its flow; the other may still pass straight through.
+    t.passive = !proxy_writes && !t.rec.wants_events();
     if t.life.timers().drain > 0 {
         let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
         t.drain_index = Some(index);
@@ -785,7 +786,7 @@ impl Tunnel {
 
     /// A `send` call from nginx for one direction; returns what nginx's `send` returns.
     fn send(&mut self, from: From, data: &[u8]) -> isize {
-        if self.passive {
+        if self.passive && !self.flow_of(from).limited() {
             return self.pass(from, data);
         }
         let now = now_msec();
@@ -921,6 +922,13 @@ impl Tunnel {
             flow.obs.count(&data[..(n as usize).min(data.len())]);
             if !had_close && flow.obs.close_sent {
                 self.life.peer_closed(from);
+                // What travels toward a closing peer is no longer limited (see send).
+                let toward = if from == From::Client {
+                    From::Upstream
+                } else {
+                    From::Client
+                };
+                self.lift_limits(toward, now_msec() as Msec);
             }
         }
         n

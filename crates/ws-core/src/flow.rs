@@ -463,6 +463,36 @@ impl Flow {
             && !self.gate.on
     }
 
+    /// Idle but for the message limits.
+    fn idle_but_limited(&self) -> bool {
+        self.retry.is_none()
+            && !self.closed
+            && self.own.as_deref().is_none_or(Own::quiet)
+            && !self.judging()
+    }
+
+    /// Writes nginx's bytes in one write and observes what was written.
+    fn write_through<S: Sink, F: FnMut(Event<'_>)>(
+        &mut self,
+        buf: &[u8],
+        sink: &mut S,
+        on: &mut F,
+    ) -> Sent {
+        match sink.write(buf) {
+            Write::Done(n) => {
+                let n = n.min(buf.len());
+                self.obs
+                    .feed(&buf[..n], self.capture, |o| on(Event::Peer(o)));
+                Sent::Consumed(n)
+            }
+            Write::Again => {
+                self.retry = Some(Src::Peer(buf.len()));
+                Sent::Again
+            }
+            Write::Error => Sent::Error,
+        }
+    }
+
     /// From now on each data message is admitted by the `Admit` given to
     /// [`Flow::send_limited`] when its first frame is next.
     pub fn limit_messages(&mut self) {
@@ -619,25 +649,23 @@ impl Flow {
         on: &mut F,
         admit: &mut A,
     ) -> Sent {
+        if self.gate.on && self.idle_but_limited() && self.obs.at_boundary() && !buf.is_empty() {
+            // The usual case of a limit that does not trigger, in one write: every message
+            // that begins in `buf` passes. Otherwise the loop below does the rest (the
+            // verdicts asked here are kept).
+            if let Scan::Go(n) = self.admit_scan(buf, admit, false) {
+                if n == buf.len() {
+                    return self.write_through(buf, sink, on);
+                }
+            }
+        }
         if self.idle() {
             // The usual case, in one write: what the loop below does when the proxy has
             // nothing of its own to send, to hold or to judge.
             if buf.is_empty() {
                 return Sent::Consumed(0);
             }
-            return match sink.write(buf) {
-                Write::Done(n) => {
-                    let n = n.min(buf.len());
-                    self.obs
-                        .feed(&buf[..n], self.capture, |o| on(Event::Peer(o)));
-                    Sent::Consumed(n)
-                }
-                Write::Again => {
-                    self.retry = Some(Src::Peer(buf.len()));
-                    Sent::Again
-                }
-                Write::Error => Sent::Error,
-            };
+            return self.write_through(buf, sink, on);
         }
         let mut consumed = 0;
         let progress = |consumed: usize| {

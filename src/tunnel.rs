@@ -821,20 +821,23 @@ impl Tunnel {
                 now: now as Msec,
                 holds: &mut holds,
             };
-            let wants = rec.wants_events();
-            flow.send_limited(
-                data,
-                &mut sink,
-                &mut |e| {
+            // Two closures, as below: the quiet one lets the compiler drop the events.
+            if rec.wants_events() {
+                let mut on = |e: Event<'_>| {
                     if let Event::PongConsumed = e {
                         pong = true;
                     }
-                    if wants {
-                        rec.on(from, &e);
+                    rec.on(from, &e);
+                };
+                flow.send_limited(data, &mut sink, &mut on, &mut admit)
+            } else {
+                let mut on = |e: Event<'_>| {
+                    if let Event::PongConsumed = e {
+                        pong = true;
                     }
-                },
-                &mut admit,
-            )
+                };
+                flow.send_limited(data, &mut sink, &mut on, &mut admit)
+            }
         } else if rec.wants_events() {
             flow.send(data, &mut sink, &mut |e| {
                 if let Event::PongConsumed = e {

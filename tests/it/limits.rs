@@ -565,3 +565,65 @@ fn nginx_t_errors() {
     ));
     assert!(ok, "{out}");
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The worker processes of a master.
+fn workers(master: i32) -> Vec<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A held direction is TCP backpressure, not a buffer and not a busy loop: the sender cannot
+/// get a flood through, and the worker spends no CPU while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_direction_is_backpressure_without_cpu() {
+    let (echo, ngx) = limited(
+        1,
+        "ws_limit_zone $connection zone=c:1m rate=1r/m;",
+        "ws_limit zone=c;",
+    )
+    .await;
+    let ws = connect(&ngx.url("/")).await;
+    let (mut tx, _rx) = ws.split();
+    // 64 MiB in 64 KiB messages: far more than the socket buffers and nginx's buffer.
+    let sender = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..1024 {
+            if tx.send(Message::Binary(chunk.clone())).await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pids = workers(ngx.master_pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let before = cpu_seconds(pids[0]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(pids[0]) - before;
+    assert!(used < 0.2, "the worker used {used:.2} s of CPU while held");
+    assert!(
+        !sender.is_finished(),
+        "the flood got through: no backpressure"
+    );
+    assert_eq!(
+        echo.seen.lock().unwrap().messages.len(),
+        1,
+        "only the first passed"
+    );
+    sender.abort();
+}

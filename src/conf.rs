@@ -75,6 +75,25 @@ pub enum ConfError {
     ZoneTooSmall { name: String, min_k: usize },
     #[error("\"ws_status\" needs a \"ws_status_zone\" in the http block")]
     StatusNeedsZone,
+    #[error("invalid zone size \"{0}\" in \"ws_limit_zone\" directive")]
+    LimitZoneSize(String),
+    #[error(
+        "zone \"{value}\" is too small in \"ws_limit_zone\" directive, the minimum is {min_k}k"
+    )]
+    LimitZoneTooSmall { value: String, min_k: usize },
+    #[error("invalid rate \"{0}\" in \"ws_limit_zone\" directive, use Nr/s or Nr/m")]
+    LimitRate(String),
+    #[error("\"{directive}\" must have \"{param}\" parameter")]
+    MissingParam {
+        directive: &'static str,
+        param: &'static str,
+    },
+    #[error("ws_limit_zone \"{name}\" is already bound to key \"{key}\"")]
+    LimitZoneBound { name: String, key: String },
+    #[error("\"ws_limit\" zone \"{0}\" is duplicate in this scope")]
+    LimitDuplicate(String),
+    #[error("ws_limit: zone \"{0}\" is not defined by a ws_limit_zone")]
+    LimitZoneUnknown(String),
     #[error("\"{0}\" directive is not inside http{{}}")]
     NoMainConf(&'static str),
     #[error("out of memory")]
@@ -125,6 +144,33 @@ pub struct MainConf {
     /// Indices of `$ws_route` and `$ws_upstream` (when `ws_route` is used).
     pub route_index: ngx_int_t,
     pub upstream_index: ngx_int_t,
+    /// Every zone a `ws_limit` names, with where, checked once http{} is parsed.
+    pub limit_refs: Vec<ZoneRef>,
+}
+
+/// A shared zone a `ws_limit` names, and the directive's place in the configuration.
+#[derive(Debug)]
+pub struct ZoneRef {
+    pub zone: NonNull<ngx_shm_zone_t>,
+    pub file: String,
+    pub line: ngx_uint_t,
+}
+
+/// Which peer's messages a `ws_limit` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitFrom {
+    Client,
+    Upstream,
+}
+
+/// One `ws_limit`: the zone (its `data` is the `ws_limit_zone`'s state once defined), burst and
+/// mode.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitRef {
+    pub zone: NonNull<ngx_shm_zone_t>,
+    pub burst: u64,
+    pub nodelay: bool,
+    pub from: LimitFrom,
 }
 
 /// An upstream name in a `ws_route`, and the directive's place in the configuration.
@@ -147,6 +193,7 @@ impl Default for MainConf {
             route_index: NGX_ERROR as ngx_int_t,
             upstream_index: NGX_ERROR as ngx_int_t,
             status: StatusConf::default(),
+            limit_refs: Vec::new(),
         }
     }
 }
@@ -324,6 +371,12 @@ pub struct LocConf {
     pub handshake_strict: Option<bool>,
     /// `ws_status` in this location (not inherited: it sets the content handler).
     pub status: Option<Format>,
+    /// `ws_limit`s of the nearest scope that has any, as `limit_req`.
+    pub limits: Option<Vec<LimitRef>>,
+    /// `ws_limit_dry_run`, by nginx's `ngx_conf_set_flag_slot`.
+    pub limit_dry_run: ngx_flag_t,
+    /// `ws_limit_log_level` (an `NGX_LOG_*` value).
+    pub limit_log_level: Option<usize>,
 }
 
 /// A new configuration (create_loc_conf): everything unset.
@@ -347,6 +400,9 @@ impl Default for LocConf {
             origins: None,
             handshake_strict: None,
             status: None,
+            limits: None,
+            limit_dry_run: NGX_CONF_UNSET,
+            limit_log_level: None,
         }
     }
 }
@@ -409,6 +465,19 @@ impl LocConf {
         self.protocol_check == 1
     }
 
+    /// The `ws_limit`s in force here.
+    pub fn limits(&self) -> &[LimitRef] {
+        self.limits.as_deref().unwrap_or(&[])
+    }
+
+    pub fn limit_dry_run(&self) -> bool {
+        self.limit_dry_run == 1
+    }
+
+    pub fn limit_log_level(&self) -> usize {
+        self.limit_log_level.unwrap_or(ws_core::limit::LOG_ERR)
+    }
+
     /// Whether any directive that observes or acts on tunnels applies here.
     pub fn tracks_tunnels(&self) -> bool {
         !self.logs().is_empty()
@@ -420,6 +489,7 @@ impl LocConf {
             || self.max_message() > 0
             || self.max_inflated() > 0
             || self.protocol_check()
+            || !self.limits().is_empty()
     }
 
     /// Whether the request gate has work in this location.
@@ -475,6 +545,21 @@ impl Merge for LocConf {
         if self.origins.is_none() {
             self.origins = prev.origins.clone();
         }
+        if self.limits.is_none() {
+            self.limits = prev.limits.clone();
+        }
+        if self.limit_dry_run == NGX_CONF_UNSET {
+            self.limit_dry_run = if prev.limit_dry_run == NGX_CONF_UNSET {
+                0
+            } else {
+                prev.limit_dry_run
+            };
+        }
+        inherit(
+            &mut self.limit_log_level,
+            prev.limit_log_level,
+            ws_core::limit::LOG_ERR,
+        );
         Ok(())
     }
 }
@@ -513,7 +598,7 @@ pub fn parse_msec(s: &ngx_str_t) -> Option<ngx_msec_t> {
 }
 
 /// A `name=value` parameter's value, as an nginx string.
-fn param<'a>(p: &'a ngx_str_t, name: &[u8]) -> Option<ngx_str_t> {
+pub fn param<'a>(p: &'a ngx_str_t, name: &[u8]) -> Option<ngx_str_t> {
     let v: &'a [u8] = p.as_bytes().strip_prefix(name)?;
     Some(ngx_str_t {
         len: v.len(),

@@ -12,6 +12,7 @@ pub mod conf;
 mod drain;
 pub mod gate;
 mod http;
+mod limit;
 pub mod log;
 mod sink;
 pub mod status;
@@ -31,15 +32,15 @@ mod glue {
         ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle_t, ngx_http_module_t,
         ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter,
         ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_ERROR,
-        NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-        NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+        NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE1234, NGX_CONF_TAKE2,
+        NGX_CONF_TAKE3, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+        NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
     };
     use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
     use ngx::{ngx_conf_log_error, ngx_string};
 
     use crate::conf::{self, LocConf, MainConf};
-    use crate::{drain, gate, status, tunnel, variables};
+    use crate::{drain, gate, limit, status, tunnel, variables};
 
     struct Module;
 
@@ -87,6 +88,10 @@ mod glue {
                     ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                     return NGX_CONF_ERROR;
                 }
+            }
+            // SAFETY: cf is the http{} configuration, fully parsed.
+            if unsafe { limit::check_zones(cf, mcf) }.is_err() {
+                return NGX_CONF_ERROR;
             }
             if mcf.status.handler_used && !mcf.status.enabled() {
                 ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", conf::ConfError::StatusNeedsZone);
@@ -165,7 +170,7 @@ mod glue {
     /// The module's directives. Configuration owns them all (crate::conf), but for the two of
     /// the metrics, whose handlers install the zone's init callback and the content handler
     /// (crate::status).
-    static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 19] = [
+    static mut NGX_HTTP_WS_COMMANDS: [ngx_command_t; 23] = [
         command(
             ngx_string!("ws_log"),
             LOC_ANY | NGX_CONF_1MORE as ngx_uint_t,
@@ -275,6 +280,32 @@ mod glue {
             ngx_string!("ws_status"),
             (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
             status::ngx_http_ws_set_status,
+            0,
+        ),
+        ngx_command_t {
+            name: ngx_string!("ws_limit_zone"),
+            type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE3) as ngx_uint_t,
+            set: Some(limit::ngx_http_ws_set_limit_zone),
+            conf: NGX_HTTP_MAIN_CONF_OFFSET as _,
+            offset: 0,
+            post: ptr::null_mut(),
+        },
+        command(
+            ngx_string!("ws_limit"),
+            LOC_ANY | NGX_CONF_TAKE1234 as ngx_uint_t,
+            limit::ngx_http_ws_set_limit,
+            0,
+        ),
+        command(
+            ngx_string!("ws_limit_dry_run"),
+            LOC_ANY | NGX_CONF_FLAG as ngx_uint_t,
+            ngx_conf_set_flag_slot,
+            offset_of!(LocConf, limit_dry_run),
+        ),
+        command(
+            ngx_string!("ws_limit_log_level"),
+            LOC_ANY | NGX_CONF_TAKE1 as ngx_uint_t,
+            limit::ngx_http_ws_set_limit_log_level,
             0,
         ),
         ngx_command_t::empty(),

@@ -23,11 +23,12 @@ use ngx::http::Request;
 use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
-use crate::flow::{Event, Flow, Policy, Sent, Sink, Violation, Write};
+use crate::flow::{Admission, Admit, Event, Flow, Policy, Sent, Sink, Violation, Write};
 use crate::frame::Opcode;
 use crate::http::{addr_text, find_header, non_empty};
 use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
+use crate::limit::Limiter;
 use crate::observe::{Capture, Direction, Inflate, Observed};
 use crate::record::{
     CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
@@ -89,6 +90,26 @@ pub struct Tunnel {
     /// counters, close records and variables): nginx's writes pass straight through and are
     /// observed, without the shaping of [`Flow::send`].
     passive: bool,
+    /// `ws_limit`s in force (most tunnels have none).
+    limiter: Option<Box<Limiter>>,
+}
+
+/// A `ws_limit`ed direction's [`Admit`]: asks the tunnel's limiter, counts holds.
+struct LimitAdmit<'a> {
+    limiter: &'a mut Limiter,
+    from: From,
+    now: Msec,
+    holds: &'a mut u32,
+}
+
+impl Admit for LimitAdmit<'_> {
+    fn admit(&mut self) -> Admission {
+        let a = self.limiter.admit(self.from, self.now);
+        if matches!(a, Admission::Hold(_)) {
+            *self.holds += 1;
+        }
+        a
+    }
 }
 
 /// The tunnel's timer and posted event, allocated on first use: most tunnels never set a
@@ -216,6 +237,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     };
     let tunnel_timed =
         timers.idle > 0 || timers.lifetime > 0 || timers.ping > 0 || timers.drain > 0;
+    // SAFETY: the live request, in its header filter.
+    let limiter = unsafe { Limiter::new(r, lcf, now as Msec) }.map(Box::new);
+    let limit_refuses = limiter.as_deref().is_some_and(Limiter::may_refuse);
 
     let tunnel = Tunnel {
         r,
@@ -260,6 +284,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         tick: TickEvent::default(),
         ending: false,
         passive: false,
+        limiter,
     };
     let t = allocate_tunnel(req.pool, tunnel);
     let Some(tp) = NonNull::new(t) else {
@@ -273,7 +298,8 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         || policy.max_frame > 0
         || policy.max_message > 0
         || policy.protocol_check
-        || policy.max_inflated > 0;
+        || policy.max_inflated > 0
+        || limit_refuses;
     // SAFETY: the connections and upstream are live; the originals are kept in the tunnel,
     // which outlives both wrappers (they are restored in `finish`).
     unsafe {
@@ -307,6 +333,15 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         }
     }
 
+    if let Some(l) = t.limiter.as_deref() {
+        if l.applies(From::Client) {
+            t.to_upstream.limit_messages();
+        }
+        if l.applies(From::Upstream) {
+            t.to_client.limit_messages();
+        }
+    }
+    // A limited direction goes through its flow; the other may still pass straight through.
     t.passive = !proxy_writes && !t.rec.wants_events();
     if t.life.timers().drain > 0 {
         let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
@@ -797,7 +832,7 @@ impl Tunnel {
 
     /// A `send` call from nginx for one direction; returns what nginx's `send` returns.
     fn send(&mut self, from: From, data: &[u8]) -> isize {
-        if self.passive {
+        if self.passive && !self.flow_of(from).limited() {
             return self.pass(from, data);
         }
         let now = now_msec();
@@ -819,11 +854,37 @@ impl Tunnel {
         };
         let had_close = flow.obs.close_sent;
         let data_frames = flow.obs.data_frames;
+        let was_held = flow.held_until().is_some();
         let rec = &mut self.rec;
         let mut pong = false;
+        let mut holds = 0;
         // Without metrics or frame/message records nothing needs the events one by one: the
         // quiet path lets the compiler drop their construction from the parser's loop.
-        let sent = if rec.wants_events() {
+        let sent = if let Some(limiter) = self.limiter.as_deref_mut().filter(|_| flow.limited()) {
+            let mut admit = LimitAdmit {
+                limiter,
+                from,
+                now: now as Msec,
+                holds: &mut holds,
+            };
+            // Two closures, as below: the quiet one lets the compiler drop the events.
+            if rec.wants_events() {
+                let mut on = |e: Event<'_>| {
+                    if let Event::PongConsumed = e {
+                        pong = true;
+                    }
+                    rec.on(from, &e);
+                };
+                flow.send_limited(data, &mut sink, &mut on, &mut admit)
+            } else {
+                let mut on = |e: Event<'_>| {
+                    if let Event::PongConsumed = e {
+                        pong = true;
+                    }
+                };
+                flow.send_limited(data, &mut sink, &mut on, &mut admit)
+            }
+        } else if rec.wants_events() {
             flow.send(data, &mut sink, &mut |e| {
                 if let Event::PongConsumed = e {
                     pong = true;
@@ -839,6 +900,7 @@ impl Tunnel {
         };
         let data_frame = flow.obs.data_frames != data_frames;
         let closed_now = !had_close && flow.obs.close_sent;
+        let held = flow.held_until().is_some();
         let mid_data = flow.obs.in_data_frame();
         let violation = flow.violation.take();
         let now = now as Msec;
@@ -853,9 +915,27 @@ impl Tunnel {
         if pong {
             self.life.pong();
         }
+        if holds > 0 {
+            if let Some(s) = self.rec.stats {
+                s.entry().delayed(from);
+            }
+        }
+        if held && !was_held {
+            ngx_log_debug_http!(self.request(), "ws: {} held back", from.as_str());
+            self.life.holding(from, true, now);
+            self.arm(now as ngx_msec_t);
+        }
         if closed_now {
             ngx_log_debug_http!(self.request(), "ws: close from the {}", from.as_str());
             self.life.peer_closed(from);
+            // The peer is closing: what is on its way to it is no longer limited, so that its
+            // close handshake completes without waiting for the bucket.
+            let toward = if from == From::Client {
+                From::Upstream
+            } else {
+                From::Client
+            };
+            self.lift_limits(toward, now);
         }
         if let Some(v) = violation {
             self.refused(now, from, v);
@@ -891,6 +971,13 @@ impl Tunnel {
             flow.obs.count(&data[..(n as usize).min(data.len())]);
             if !had_close && flow.obs.close_sent {
                 self.life.peer_closed(from);
+                // What travels toward a closing peer is no longer limited (see send).
+                let toward = if from == From::Client {
+                    From::Upstream
+                } else {
+                    From::Client
+                };
+                self.lift_limits(toward, now_msec() as Msec);
             }
         }
         n
@@ -937,12 +1024,69 @@ impl Tunnel {
         }
     }
 
+    /// The flow carrying what `from` sends.
+    fn flow_of(&mut self, from: From) -> &mut Flow {
+        if from == From::Client {
+            &mut self.to_upstream
+        } else {
+            &mut self.to_client
+        }
+    }
+
+    /// Re-drives nginx's tunnel for what `from` sends: its `send` said "again" while the
+    /// destination was writable, so no write event will come by itself (edge-triggered).
+    fn wake(&mut self, from: From) {
+        let dst = if from == From::Client {
+            self.upstream_conn
+        } else {
+            self.client_conn
+        };
+        // SAFETY: both connections are live while the tunnel is; nginx removes a connection's
+        // posted events when it closes it.
+        unsafe {
+            let wev = (*dst).write;
+            if (*wev).posted() == 0 {
+                ngx_post_event(wev, ptr::addr_of_mut!(ngx_posted_events));
+            }
+        }
+    }
+
+    /// No more limits on what `from` sends; a held message goes now.
+    fn lift_limits(&mut self, from: From, now: Msec) {
+        if self.flow_of(from).lift_limits() {
+            self.life.holding(from, false, now);
+            self.wake(from);
+        }
+    }
+
+    /// Releases held messages whose time has come.
+    fn release_due(&mut self, now: Msec) {
+        for from in [From::Client, From::Upstream] {
+            if self.flow_of(from).release(now) {
+                ngx_log_debug_http!(self.request(), "ws: {} released", from.as_str());
+                self.life.holding(from, false, now);
+                self.wake(from);
+            }
+        }
+    }
+
+    /// `$ws_limit_status`, when a `ws_limit` applied.
+    pub fn limit_status(&self) -> Option<&'static str> {
+        Some(self.limiter.as_deref()?.status?.as_str())
+    }
+
     /// Sets the tick timer to the nearest deadline.
     fn arm(&mut self, now: ngx_msec_t) {
         if self.ending || self.outcome.is_some() {
             return;
         }
-        let Some(deadline) = self.life.next_deadline(now as Msec, &self.handshake()) else {
+        let held = [self.to_client.held_until(), self.to_upstream.held_until()];
+        let deadline = held
+            .into_iter()
+            .chain([self.life.next_deadline(now as Msec, &self.handshake())])
+            .flatten()
+            .min();
+        let Some(deadline) = deadline else {
             return;
         };
         let delay = (deadline as ngx_msec_t).saturating_sub(now).max(1);
@@ -958,6 +1102,7 @@ impl Tunnel {
             return false;
         }
         let now = now_msec();
+        self.release_due(now as Msec);
         match self.life.on_tick(now as Msec, &self.handshake()) {
             Tick::End { answered } => {
                 if !answered {
@@ -1017,6 +1162,8 @@ impl Tunnel {
                     v.sender_close().0
                 );
             }
+            // The limit logged it when it refused the message, at ws_limit_log_level.
+            Violation::RateLimited => {}
         }
         if let Some(order) = self.life.refused(now, from, v) {
             self.close(now as ngx_msec_t, order);
@@ -1035,6 +1182,10 @@ impl Tunnel {
             .request_close(order.to_client.0, order.to_client.1);
         self.to_upstream
             .request_close(order.to_upstream.0, order.to_upstream.1);
+        // The Closes go out at the held boundaries; what was held back is swallowed when
+        // nginx offers it again.
+        self.lift_limits(From::Client, now as Msec);
+        self.lift_limits(From::Upstream, now as Msec);
         self.flush_own();
         if self.handshake().done() {
             self.post_tick();
@@ -1183,6 +1334,7 @@ impl Tunnel {
                 upstream: side(self.upstream()),
                 closed_by,
                 end,
+                limit: self.limit_status(),
             };
             self.rec.logs.write(&rec);
         }

@@ -24,9 +24,10 @@ enum Var {
     End,
     Duration,
     Subprotocol,
+    LimitStatus,
 }
 
-const VARS: [(ngx_str_t, Var); 12] = [
+const VARS: [(ngx_str_t, Var); 13] = [
     (ngx_string!("ws_client_frames"), Var::ClientFrames),
     (ngx_string!("ws_upstream_frames"), Var::UpstreamFrames),
     (ngx_string!("ws_client_messages"), Var::ClientMessages),
@@ -39,6 +40,7 @@ const VARS: [(ngx_str_t, Var); 12] = [
     (ngx_string!("ws_end"), Var::End),
     (ngx_string!("ws_duration"), Var::Duration),
     (ngx_string!("ws_subprotocol"), Var::Subprotocol),
+    (ngx_string!("ws_limit_status"), Var::LimitStatus),
 ];
 
 /// Registers the variables (preconfiguration).
@@ -92,6 +94,7 @@ fn value(t: &Tunnel, which: Var) -> Option<String> {
         Var::End => o.end.as_str().to_string(),
         Var::Duration => format!("{}.{:03}", o.duration_ms / 1000, o.duration_ms % 1000),
         Var::Subprotocol => t.subprotocol.clone()?,
+        Var::LimitStatus => t.limit_status()?.to_string(),
     })
 }
 

@@ -6,6 +6,7 @@ mod deflate;
 mod docs;
 mod examples;
 mod harness;
+mod limits;
 mod logfile;
 mod metrics;
 mod policy;

@@ -9,6 +9,7 @@
 //! bytes, as `SSL_write` requires.
 
 use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
+use crate::lifecycle::Msec;
 use crate::observe::{Capture, Direction, Inflate, Observed, Verdict};
 
 /// Compressed frames up to this size on the wire are held whole and inflated before they are
@@ -122,6 +123,8 @@ pub enum Violation {
     Protocol(Rule),
     /// Compressed data that does not inflate (`ws_protocol_check`): Close 1007 to the sender.
     Invalid,
+    /// A data message over a `ws_limit ... nodelay`: Close 1008 to the sender.
+    RateLimited,
 }
 
 /// The RFC 6455 framing rules `ws_protocol_check` enforces.
@@ -203,6 +206,7 @@ impl Violation {
             Violation::TooBig => (1009, "message too big"),
             Violation::Protocol(_) => (1002, "protocol error"),
             Violation::Invalid => (1007, "invalid payload data"),
+            Violation::RateLimited => (1008, "rate limit"),
         }
     }
 
@@ -212,8 +216,60 @@ impl Violation {
             Violation::TooBig => (1001, "message too big"),
             Violation::Protocol(_) => (1001, "protocol error"),
             Violation::Invalid => (1001, "invalid payload data"),
+            Violation::RateLimited => (1001, "rate limit"),
         }
     }
+}
+
+/// A rate limit's say about the data messages of a direction (`ws_limit`, see
+/// [`crate::limit`]): asked once for each message, when its first frame is next.
+pub trait Admit {
+    fn admit(&mut self) -> Admission;
+}
+
+/// What [`Admit::admit`] decided about a data message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Forward it now.
+    Pass,
+    /// Forward nothing from its first frame on until [`Flow::release`] at this time.
+    Hold(Msec),
+    /// Refuse it: it is not forwarded, the direction gets its Close there.
+    Refuse,
+}
+
+/// No limit: every message passes.
+pub struct Unlimited;
+
+impl Admit for Unlimited {
+    fn admit(&mut self) -> Admission {
+        Admission::Pass
+    }
+}
+
+/// A limited direction's message accounting.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gate {
+    on: bool,
+    /// Messages (numbered like [`Direction::starts`]) that have their verdict.
+    asked: u64,
+    /// A message that must not pass yet, or at all: its number and what was decided.
+    pending: Option<(u64, Admission)>,
+}
+
+/// What the gate lets through at a boundary.
+enum Scan {
+    /// This many bytes: everything before the next message that must wait.
+    Go(usize),
+    /// The message at the boundary waits.
+    Hold,
+    /// The message at the boundary is refused.
+    Refuse,
+}
+
+/// Whether a frame whose first byte is `b0` begins a data message (Text or Binary).
+fn begins_message(b0: u8) -> bool {
+    matches!(b0 & 0x0f, 1 | 2)
 }
 
 /// Something the flow did, for records and counters.
@@ -359,6 +415,8 @@ pub struct Flow {
     pub violation: Option<Violation>,
     /// Mask state for injected frames (client to server frames are masked); 0: unmasked.
     mask_state: u32,
+    /// Rate limits on this direction's messages.
+    gate: Gate,
 }
 
 impl Flow {
@@ -459,12 +517,135 @@ impl Flow {
         self.own.get_or_insert_with(Box::default)
     }
 
-    /// Nothing pending, held, requested or judged: peer bytes just pass.
+    /// Nothing pending, held, requested, judged or limited: peer bytes just pass.
     fn idle(&self) -> bool {
         self.retry.is_none()
             && !self.closed
             && self.own.as_deref().is_none_or(Own::quiet)
             && !self.judging()
+            && !self.gate.on
+    }
+
+    /// Idle but for the message limits.
+    fn idle_but_limited(&self) -> bool {
+        self.retry.is_none()
+            && !self.closed
+            && self.own.as_deref().is_none_or(Own::quiet)
+            && !self.judging()
+    }
+
+    /// Writes nginx's bytes in one write and observes what was written.
+    fn write_through<S: Sink, F: FnMut(Event<'_>)>(
+        &mut self,
+        buf: &[u8],
+        sink: &mut S,
+        on: &mut F,
+    ) -> Sent {
+        match sink.write(buf) {
+            Write::Done(n) => {
+                let n = n.min(buf.len());
+                self.obs
+                    .feed(&buf[..n], self.capture, |o| on(Event::Peer(o)));
+                Sent::Consumed(n)
+            }
+            Write::Again => {
+                self.retry = Some(Src::Peer(buf.len()));
+                Sent::Again
+            }
+            Write::Error => Sent::Error,
+        }
+    }
+
+    /// From now on each data message is admitted by the `Admit` given to
+    /// [`Flow::send_limited`] when its first frame is next.
+    pub fn limit_messages(&mut self) {
+        self.gate = Gate {
+            on: true,
+            asked: self.obs.starts,
+            pending: None,
+        };
+    }
+
+    /// Whether messages are still limited.
+    pub fn limited(&self) -> bool {
+        self.gate.on
+    }
+
+    /// When the message held back may go, if one is.
+    pub fn held_until(&self) -> Option<Msec> {
+        match self.gate.pending {
+            Some((_, Admission::Hold(t))) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether the direction is stopped at a held message right now (nginx must be woken up
+    /// when it is released: it got "again" from a writable connection).
+    pub fn stopped(&self) -> bool {
+        self.held_until().is_some()
+            && !self.closed
+            && self.at_boundary()
+            && self.retry.is_none()
+            && self.gate.pending.is_some_and(|(i, _)| i == self.obs.starts)
+    }
+
+    /// The held message may go if its time has come; returns whether it was released.
+    pub fn release(&mut self, now: Msec) -> bool {
+        match self.held_until() {
+            Some(t) if t <= now => {
+                self.gate.pending = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// No more limits (the receiving peer is closing): a held message goes now, a refused
+    /// one is forgotten. Returns whether a message was held.
+    pub fn lift_limits(&mut self) -> bool {
+        let held = self.held_until().is_some();
+        self.gate = Gate::default();
+        held
+    }
+
+    /// At a boundary: how much of `rest` may go before a message that must wait, asking
+    /// `admit` about each message that begins there (only the first frame's when `single`).
+    fn admit_scan<A: Admit>(&mut self, rest: &[u8], admit: &mut A, single: bool) -> Scan {
+        let mut p = 0usize;
+        let mut index = self.obs.starts;
+        loop {
+            if p >= rest.len() || (single && p > 0) {
+                return Scan::Go(rest.len());
+            }
+            if begins_message(rest[p]) {
+                if index >= self.gate.asked && self.gate.pending.is_none() {
+                    self.gate.asked = index + 1;
+                    match admit.admit() {
+                        Admission::Pass => {}
+                        a => self.gate.pending = Some((index, a)),
+                    }
+                }
+                match self.gate.pending {
+                    Some((i, a)) if i == index => {
+                        return match (p, a) {
+                            (0, Admission::Refuse) => Scan::Refuse,
+                            (0, _) => Scan::Hold,
+                            _ => Scan::Go(p),
+                        };
+                    }
+                    _ => {}
+                }
+                index += 1;
+            }
+            match peek_header(&rest[p..]) {
+                Ok(h) => {
+                    let whole = u64::from(h.header_len).saturating_add(h.len);
+                    p = p.saturating_add(usize::try_from(whole).unwrap_or(usize::MAX));
+                }
+                // The rest of the input is this frame's.
+                Err(_) => return Scan::Go(rest.len()),
+            }
+        }
     }
 
     /// Whether the proxy has bytes of its own waiting to be written.
@@ -479,7 +660,8 @@ impl Flow {
 
     /// Whether the proxy still waits for a frame boundary to inject something.
     pub fn wants_boundary(&self) -> bool {
-        !self.closed && (self.own.as_deref().is_some_and(Own::requested) || self.judging())
+        !self.closed
+            && (self.own.as_deref().is_some_and(Own::requested) || self.judging() || self.gate.on)
     }
 
     /// The input is between frames (nothing held, no frame half passed).
@@ -514,38 +696,53 @@ impl Flow {
         sink: &mut S,
         on: &mut F,
     ) -> Sent {
-        let sent = self.send_inner(buf, sink, on);
+        self.send_limited(buf, sink, on, &mut Unlimited)
+    }
+
+    /// [`Flow::send`] for a limited direction: `admit` decides about each data message.
+    ///
+    /// A held message stops the direction at its first frame: the bytes before it are
+    /// consumed, it and what follows are not ("again" when nothing was), until
+    /// [`Flow::release`] or [`Flow::lift_limits`]; injected frames (Pings, Closes) still go
+    /// out at that boundary.
+    pub fn send_limited<S: Sink, F: FnMut(Event<'_>), A: Admit>(
+        &mut self,
+        buf: &[u8],
+        sink: &mut S,
+        on: &mut F,
+        admit: &mut A,
+    ) -> Sent {
+        let sent = self.send_inner(buf, sink, on, admit);
         if self.inflate_judged() {
             self.judge_passed();
         }
         sent
     }
 
-    fn send_inner<S: Sink, F: FnMut(Event<'_>)>(
+    fn send_inner<S: Sink, F: FnMut(Event<'_>), A: Admit>(
         &mut self,
         buf: &[u8],
         sink: &mut S,
         on: &mut F,
+        admit: &mut A,
     ) -> Sent {
+        if self.gate.on && self.idle_but_limited() && self.obs.at_boundary() && !buf.is_empty() {
+            // The usual case of a limit that does not trigger, in one write: every message
+            // that begins in `buf` passes. Otherwise the loop below does the rest (the
+            // verdicts asked here are kept).
+            if let Scan::Go(n) = self.admit_scan(buf, admit, false) {
+                if n == buf.len() {
+                    return self.write_through(buf, sink, on);
+                }
+            }
+        }
         if self.idle() {
             // The usual case, in one write: what the loop below does when the proxy has
             // nothing of its own to send, to hold or to judge.
             if buf.is_empty() {
                 return Sent::Consumed(0);
             }
-            return match sink.write(buf) {
-                Write::Done(n) => {
-                    let n = n.min(buf.len());
-                    self.obs
-                        .feed(&buf[..n], self.capture, |o| on(Event::Peer(o)));
-                    Sent::Consumed(n)
-                }
-                Write::Again => {
-                    self.retry = Some(Src::Peer(buf.len()));
-                    Sent::Again
-                }
-                Write::Error => Sent::Error,
-            };
+            return self.write_through(buf, sink, on);
         }
         let mut consumed = 0;
         let progress = |consumed: usize| {
@@ -588,6 +785,17 @@ impl Flow {
                 }
                 if rest.is_empty() {
                     return Sent::Consumed(consumed);
+                }
+                if self.gate.on {
+                    match self.admit_scan(rest, admit, self.judging()) {
+                        Scan::Go(n) => judged = Some(n as u64),
+                        Scan::Hold => return progress(consumed),
+                        Scan::Refuse => {
+                            self.gate = Gate::default();
+                            self.refuse(Violation::RateLimited);
+                            continue;
+                        }
+                    }
                 }
                 if self.judging() {
                     match self.judge(rest) {
@@ -1510,6 +1718,7 @@ mod tests {
             Violation::TooBig => 0,
             Violation::Protocol(_) => 1,
             Violation::Invalid => 2,
+            Violation::RateLimited => 3,
         }
     }
 
@@ -1813,5 +2022,281 @@ mod tests {
             c.out.len() < s.len(),
             "the rest of the frame was not forwarded"
         );
+    }
+    /// Admits data messages from a script (Pass once the script runs out), counting the asks.
+    struct Script {
+        verdicts: Vec<Admission>,
+        asked: usize,
+    }
+
+    impl Admit for Script {
+        fn admit(&mut self) -> Admission {
+            let a = self
+                .verdicts
+                .get(self.asked)
+                .copied()
+                .unwrap_or(Admission::Pass);
+            self.asked += 1;
+            a
+        }
+    }
+
+    /// Text, a Ping, a fragmented Binary with a Pong inside, Text, Text: four messages.
+    fn messages() -> Vec<u8> {
+        let m = Some([1, 2, 3, 4]);
+        let mut s = build_frame(true, Opcode::Text, m, b"one", false);
+        s.extend(build_frame(true, Opcode::Ping, m, b"p", false));
+        s.extend(build_frame(false, Opcode::Binary, m, &[2; 200], false));
+        s.extend(build_frame(true, Opcode::Pong, m, b"q", false));
+        s.extend(build_frame(true, Opcode::Continuation, m, &[3; 100], false));
+        s.extend(build_frame(true, Opcode::Text, m, b"three", false));
+        s.extend(build_frame(true, Opcode::Text, m, b"four", false));
+        s
+    }
+
+    fn limited_flow() -> Flow {
+        let mut f = Flow::new(Capture::default(), Policy::default(), 0);
+        f.limit_messages();
+        f
+    }
+
+    /// Drives a limited flow like nginx and the module's timer: when the flow stops at a held
+    /// message, the clock jumps to its time and the message is released.
+    fn drive_limited(
+        flow: &mut Flow,
+        conn: &mut Conn,
+        input: &[u8],
+        reads: &[usize],
+        admit: &mut Script,
+    ) -> Vec<Msec> {
+        // Fixed memory, as nginx's buffer: a retried write sees the same address.
+        let mut buf: Vec<u8> = Vec::with_capacity(input.len());
+        let (mut pos, mut read, mut r, mut spins) = (0, 0, 0, 0);
+        let mut released = Vec::new();
+        while read < input.len() || pos < buf.len() || flow.has_pending() {
+            if read < input.len() {
+                let n = reads
+                    .get(r % reads.len().max(1))
+                    .copied()
+                    .unwrap_or(7)
+                    .max(1);
+                r += 1;
+                let n = n.min(input.len() - read);
+                buf.extend_from_slice(&input[read..read + n]);
+                read += n;
+            }
+            match flow.send_limited(&buf[pos..], conn, &mut |_| {}, admit) {
+                Sent::Consumed(n) => pos += n,
+                Sent::Again => {}
+                Sent::Error => panic!("error"),
+            }
+            if let Some(t) = flow.held_until() {
+                if flow.stopped() {
+                    assert!(flow.release(t));
+                    released.push(t);
+                }
+            }
+            spins += 1;
+            assert!(spins < 1_000_000, "no progress");
+        }
+        released
+    }
+
+    #[test]
+    fn messages_are_admitted_at_their_first_frame_only() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![],
+            asked: 0,
+        };
+        drive_limited(&mut f, &mut c, &s, &[3], &mut admit);
+        assert_eq!(c.out, s);
+        assert_eq!(
+            admit.asked, 4,
+            "control frames and continuations are never counted"
+        );
+    }
+
+    #[test]
+    fn a_held_message_stops_the_direction_until_released() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![Admission::Pass, Admission::Hold(50)],
+            asked: 0,
+        };
+        let sent = f.send_limited(&s, &mut c, &mut |_| {}, &mut admit);
+        // "one" and the Ping went; the fragmented Binary waits at its first frame.
+        let first = build_frame(true, Opcode::Text, Some([1, 2, 3, 4]), b"one", false).len();
+        let ping = build_frame(true, Opcode::Ping, Some([1, 2, 3, 4]), b"p", false).len();
+        assert_eq!(sent, Sent::Consumed(first + ping));
+        assert!(f.stopped());
+        assert_eq!(f.held_until(), Some(50));
+        let rest = &s[first + ping..];
+        assert_eq!(
+            f.send_limited(rest, &mut c, &mut |_| {}, &mut admit),
+            Sent::Again
+        );
+        assert_eq!(admit.asked, 2, "a held message is asked about once");
+        assert!(!f.release(49));
+        assert!(f.release(50));
+        assert_eq!(
+            f.send_limited(rest, &mut c, &mut |_| {}, &mut admit),
+            Sent::Consumed(rest.len())
+        );
+        assert_eq!(c.out, s);
+        assert_eq!(admit.asked, 4);
+    }
+
+    #[test]
+    fn a_refused_message_is_not_forwarded_and_the_direction_closes() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![Admission::Pass, Admission::Pass, Admission::Refuse],
+            asked: 0,
+        };
+        drive_limited(&mut f, &mut c, &s, &[1000], &mut admit);
+        let out = frames_of(&c.out);
+        let ops: Vec<Opcode> = out.iter().map(|o| o.0).collect();
+        use Opcode::*;
+        assert_eq!(ops, vec![Text, Ping, Binary, Pong, Continuation, Close]);
+        assert_eq!(&out[5].1[..2], &1001u16.to_be_bytes());
+        assert_eq!(&out[5].1[2..], b"rate limit");
+        assert_eq!(f.violation, Some(Violation::RateLimited));
+        assert_eq!(Violation::RateLimited.sender_close(), (1008, "rate limit"));
+    }
+
+    #[test]
+    fn a_close_or_ping_still_goes_out_while_held() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![Admission::Hold(1000)],
+            asked: 0,
+        };
+        assert_eq!(
+            f.send_limited(&s, &mut c, &mut |_| {}, &mut admit),
+            Sent::Again
+        );
+        assert!(c.out.is_empty());
+        f.request_ping(b"x".to_vec());
+        assert_eq!(f.send(&[], &mut c, &mut |_| {}), Sent::Consumed(0));
+        f.request_close(1001, "max lifetime");
+        assert_eq!(f.send(&[], &mut c, &mut |_| {}), Sent::Consumed(0));
+        let ops: Vec<Opcode> = frames_of(&c.out).iter().map(|o| o.0).collect();
+        assert_eq!(ops, vec![Opcode::Ping, Opcode::Close]);
+        // The held message and the rest are swallowed once the direction is closed.
+        assert_eq!(
+            f.send_limited(&s, &mut c, &mut |_| {}, &mut admit),
+            Sent::Consumed(s.len())
+        );
+        assert_eq!(frames_of(&c.out).len(), 2);
+    }
+
+    #[test]
+    fn lifting_the_limits_lets_everything_through() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![Admission::Hold(1000), Admission::Refuse],
+            asked: 0,
+        };
+        assert_eq!(
+            f.send_limited(&s, &mut c, &mut |_| {}, &mut admit),
+            Sent::Again
+        );
+        assert!(f.lift_limits());
+        assert!(!f.limited());
+        assert_eq!(
+            f.send_limited(&s, &mut c, &mut |_| {}, &mut admit),
+            Sent::Consumed(s.len())
+        );
+        assert_eq!(c.out, s);
+        assert_eq!(admit.asked, 1);
+    }
+
+    /// Several messages in one buffer go in one write when all pass: a limit that never
+    /// triggers costs no extra system calls.
+    #[test]
+    fn admitted_messages_share_a_write() {
+        let s = messages();
+        let mut f = limited_flow();
+        let mut c = Conn::new(vec![]);
+        let mut admit = Script {
+            verdicts: vec![],
+            asked: 0,
+        };
+        assert_eq!(
+            f.send_limited(&s, &mut c, &mut |_| {}, &mut admit),
+            Sent::Consumed(s.len())
+        );
+        assert_eq!(c.i, 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any read split, any partial-write pattern, any holds: every message is asked about
+        /// exactly once, in order, and the output is the input, whole.
+        #[test]
+        fn holds_are_split_independent(
+            reads in proptest::collection::vec(1usize..400, 1..6),
+            caps in proptest::collection::vec(0usize..300, 1..6),
+            holds in proptest::collection::vec(any::<bool>(), 0..6),
+            policy: bool,
+        ) {
+            let s = messages();
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
+            let p = Policy { max_frame: if policy { 1000 } else { 0 }, ..Policy::default() };
+            let mut f = Flow::new(Capture::default(), p, 0);
+            f.limit_messages();
+            let mut c = Conn::new(caps);
+            let verdicts: Vec<Admission> = holds.iter().enumerate()
+                .map(|(i, &h)| if h { Admission::Hold(i as Msec * 10) } else { Admission::Pass })
+                .collect();
+            let held = verdicts.iter().filter(|v| **v != Admission::Pass).count().min(4);
+            let mut admit = Script { verdicts, asked: 0 };
+            let released = drive_limited(&mut f, &mut c, &s, &reads, &mut admit);
+            prop_assert_eq!(&c.out, &s);
+            prop_assert_eq!(admit.asked, 4);
+            prop_assert!(released.len() <= held);
+        }
+
+        /// A refusal anywhere: the frames before the refused message pass whole, nothing of it
+        /// or after it does, and the direction ends with the proxy's Close.
+        #[test]
+        fn a_refusal_is_split_independent(
+            reads in proptest::collection::vec(1usize..400, 1..6),
+            caps in proptest::collection::vec(0usize..300, 1..6),
+            at in 0usize..4,
+        ) {
+            let s = messages();
+            let mut caps = caps;
+            if caps.iter().all(|&c| c == 0) { caps.push(1); }
+            let mut f = limited_flow();
+            let mut c = Conn::new(caps);
+            let mut verdicts = vec![Admission::Pass; at];
+            verdicts.push(Admission::Refuse);
+            let mut admit = Script { verdicts, asked: 0 };
+            drive_limited(&mut f, &mut c, &s, &reads, &mut admit);
+            let out = frames_of(&c.out);
+            let input = frames_of(&s);
+            // Frames before message `at`: where its first frame is in the input.
+            let starts: Vec<usize> = input.iter().enumerate()
+                .filter(|(_, o)| matches!(o.0, Opcode::Text | Opcode::Binary))
+                .map(|(i, _)| i).collect();
+            let before = starts[at];
+            prop_assert_eq!(&out[..out.len() - 1], &input[..before]);
+            prop_assert_eq!(out.last().map(|o| o.0), Some(Opcode::Close));
+            prop_assert_eq!(f.violation, Some(Violation::RateLimited));
+        }
     }
 }

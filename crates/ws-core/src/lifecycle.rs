@@ -111,6 +111,8 @@ pub struct Lifecycle {
     closing: Option<Closing>,
     drain_at: Option<Msec>,
     first_close: Option<From>,
+    /// A rate limit holds back a message from the client (bit 0) or the upstream (bit 1).
+    held: u8,
 }
 
 impl Lifecycle {
@@ -125,6 +127,7 @@ impl Lifecycle {
             closing: None,
             drain_at: None,
             first_close: None,
+            held: 0,
         }
     }
 
@@ -161,6 +164,25 @@ impl Lifecycle {
     /// A data frame passed in either direction (the idle timeout starts again).
     pub fn data(&mut self, now: Msec) {
         self.last_data = now;
+    }
+
+    /// A rate limit holds back (`held`) or releases a message from `from`.
+    ///
+    /// A held message is activity: a sender that waits for the proxy is neither idle nor
+    /// silent. While a direction is held the idle timeout does not run (and, for the client,
+    /// neither do pings and the pong timeout: its Pong would queue behind the held message);
+    /// on release both start again from `now`.
+    pub fn holding(&mut self, from: From, held: bool, now: Msec) {
+        let bit = if from == From::Client { 1 } else { 2 };
+        if held {
+            self.held |= bit;
+        } else if self.held & bit != 0 {
+            self.held &= !bit;
+            self.last_data = now;
+            if from == From::Client {
+                self.client_bytes(now);
+            }
+        }
     }
 
     /// The Pong answering the proxy's Ping came.
@@ -201,6 +223,7 @@ impl Lifecycle {
         let end = match v {
             Violation::TooBig => End::TooBig,
             Violation::Protocol(_) | Violation::Invalid => End::ProtocolError,
+            Violation::RateLimited => End::RateLimited,
         };
         let (sender, peer) = (v.sender_close(), v.peer_close());
         match from {
@@ -243,13 +266,13 @@ impl Lifecycle {
                 at(now + RETRY_MSEC);
             }
         } else {
-            if t.idle > 0 {
+            if t.idle > 0 && self.held == 0 {
                 at(self.last_data + t.idle);
             }
             if t.lifetime > 0 {
                 at(self.start + t.lifetime);
             }
-            if t.ping > 0 {
+            if t.ping > 0 && self.held & 1 == 0 {
                 match self.ping_sent {
                     Some(s) => at(s + t.pong),
                     None => at(self.last_client_rx + t.ping),
@@ -275,11 +298,11 @@ impl Lifecycle {
         }
         let order = if t.lifetime > 0 && now.wrapping_sub(self.start) >= t.lifetime {
             self.begin_close(now, End::MaxLifetime, 1001, "max lifetime")
-        } else if t.idle > 0 && now.wrapping_sub(self.last_data) >= t.idle {
+        } else if t.idle > 0 && self.held == 0 && now.wrapping_sub(self.last_data) >= t.idle {
             self.begin_close(now, End::IdleTimeout, 1001, "idle timeout")
         } else if self.drain_at.is_some_and(|d| now >= d) {
             self.begin_close(now, End::Drain, 1012, "service restart")
-        } else if t.ping > 0 {
+        } else if t.ping > 0 && self.held & 1 == 0 {
             match self.ping_sent {
                 Some(s) if now.wrapping_sub(s) >= t.pong => {
                     self.begin_close(now, End::PingTimeout, 1001, "ping timeout")
@@ -405,6 +428,34 @@ mod tests {
         assert_eq!(l.next_deadline(900, &hs), Some(1900));
         assert!(matches!(l.on_tick(1900, &hs), Tick::Close(_)));
         assert_eq!(l.end(EndFacts::default()), (End::IdleTimeout, From::Proxy));
+    }
+
+    #[test]
+    fn a_held_message_is_activity() {
+        let t = Timers {
+            idle: 1000,
+            ping: 300,
+            pong: 200,
+            lifetime: 5000,
+            ..Timers::default()
+        };
+        let mut l = Lifecycle::new(t, 0);
+        let hs = Handshake::default();
+        l.holding(From::Client, true, 100);
+        // Neither idle nor pings while the client waits for the proxy; the lifetime still runs.
+        assert_eq!(l.next_deadline(100, &hs), Some(5000));
+        assert_eq!(l.on_tick(2000, &hs), Tick::Wait);
+        l.holding(From::Client, false, 2500);
+        assert_eq!(l.next_deadline(2500, &hs), Some(2800));
+        // An upstream hold stops only the idle timeout.
+        l.holding(From::Upstream, true, 2500);
+        assert_eq!(l.on_tick(2800, &hs), Tick::Ping(b"ngx-ws-ping-1".to_vec()));
+        assert_eq!(l.next_deadline(2800, &hs), Some(3000));
+        l.holding(From::Upstream, false, 2900);
+        l.client_bytes(2950);
+        assert_eq!(l.next_deadline(2950, &hs), Some(3250));
+        assert!(matches!(l.on_tick(5000, &hs), Tick::Close(_)));
+        assert_eq!(l.end(EndFacts::default()).0, End::MaxLifetime);
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Direction {
     pub close_code: Option<u16>,
     /// Completed data frames (text, binary, continuation).
     pub data_frames: u64,
+    /// Data messages begun: Text and Binary frame headers seen (a rate limit's count).
+    pub starts: u64,
     msg: Option<InProgress>,
     /// Payload bytes counted against the message size limit; see [`Direction::counted`].
     counted: u64,
@@ -265,6 +267,7 @@ impl Direction {
         }
         match h.opcode {
             Opcode::Text | Opcode::Binary => {
+                self.starts += 1;
                 self.counted = self.counted(h);
                 let compressed = cap.deflate && h.rsv1;
                 self.msg = Some(InProgress {

@@ -38,6 +38,7 @@ pub enum End {
     Drain,
     TooBig,
     ProtocolError,
+    RateLimited,
     ClientAbort,
     UpstreamAbort,
     UpstreamTimeout,
@@ -54,6 +55,7 @@ impl End {
             End::Drain => "drain",
             End::TooBig => "too_big",
             End::ProtocolError => "protocol_error",
+            End::RateLimited => "rate_limited",
             End::ClientAbort => "client_abort",
             End::UpstreamAbort => "upstream_abort",
             End::UpstreamTimeout => "upstream_timeout",
@@ -194,6 +196,8 @@ pub struct CloseRecord<'a> {
     pub upstream: SideRecord<'a>,
     pub closed_by: From,
     pub end: End,
+    /// `$ws_limit_status` (null when no `ws_limit` applied).
+    pub limit: Option<&'static str>,
 }
 
 /// A request the module refused (`ws_route`, `ws_allow_origin`, `ws_handshake`).
@@ -650,8 +654,11 @@ mod tests {
             },
             closed_by: From::Client,
             end: End::ClientAbort,
+            limit: None,
         };
         let v: Value = serde_json::to_value(&r).unwrap();
+        assert!(v.as_object().unwrap().contains_key("limit"));
+        assert!(v["limit"].is_null());
         assert_eq!(v["end"], "client_abort");
         assert_eq!(v["closed_by"], "client");
         assert_eq!(v["client"]["close_code"], 1000);

@@ -35,7 +35,7 @@ pub const BUCKETS_MS: [u64; 13] = [
 pub const DIRECTIONS: [From; 3] = [From::Client, From::Upstream, From::Proxy];
 
 /// End causes, indexed by [`end_index`].
-pub const ENDS: [End; 11] = [
+pub const ENDS: [End; 12] = [
     End::Normal,
     End::IdleTimeout,
     End::MaxLifetime,
@@ -47,6 +47,7 @@ pub const ENDS: [End; 11] = [
     End::UpstreamAbort,
     End::UpstreamTimeout,
     End::Error,
+    End::RateLimited,
 ];
 
 /// Why a handshake was refused (`status::count_reject`).
@@ -97,6 +98,7 @@ pub fn end_index(e: End) -> usize {
         End::UpstreamAbort => 8,
         End::UpstreamTimeout => 9,
         End::Error => 10,
+        End::RateLimited => 11,
     }
 }
 
@@ -208,6 +210,8 @@ pub struct Entry {
     duration_ms: AtomicU64,
     /// Frames refused by `ws_protocol_check`, from the client and the upstream, by rule.
     violations: [[AtomicU64; Rule::ALL.len()]; 2],
+    /// Data messages a `ws_limit` held back, from the client and the upstream.
+    delayed: [AtomicU64; 2],
 }
 
 impl Entry {
@@ -278,6 +282,11 @@ impl Entry {
         self.violations[side][rule.index()].fetch_add(1, Relaxed);
     }
 
+    /// A `ws_limit` held back a message from `from`.
+    pub fn delayed(&self, from: From) {
+        self.delayed[usize::from(from != From::Client)].fetch_add(1, Relaxed);
+    }
+
     pub fn reject(&self, reason: Reject) {
         let i = Reject::ALL.iter().position(|&r| r == reason).unwrap_or(0);
         self.rejects[i].fetch_add(1, Relaxed);
@@ -308,6 +317,7 @@ impl Entry {
             ends: self.ends.each_ref().map(load),
             rejects: self.rejects.each_ref().map(load),
             violations: self.violations.each_ref().map(|d| d.each_ref().map(load)),
+            delayed: self.delayed.each_ref().map(load),
             buckets: self.buckets.each_ref().map(load),
             duration_ms: load(&self.duration_ms),
         }
@@ -358,8 +368,8 @@ fn cut(s: &str) -> &str {
 
 const MAGIC: u64 = u64::from_le_bytes(*b"ngxwsst\0");
 /// Changes whenever the layout does: a zone left by another layout is not reused.
-/// 2: protocol violations by rule.
-const VERSION: u32 = 2;
+/// 2: protocol violations by rule. 3: the end `rate_limited`, messages delayed by `ws_limit`.
+const VERSION: u32 = 3;
 
 /// The table header, at the start of the block.
 #[repr(C, align(64))]
@@ -635,6 +645,8 @@ pub struct EntrySnapshot {
     pub rejects: [u64; Reject::ALL.len()],
     /// Client and upstream, by [`Rule::ALL`].
     pub violations: [[u64; Rule::ALL.len()]; 2],
+    /// Messages held back by `ws_limit`: client, upstream.
+    pub delayed: [u64; 2],
     /// Per bucket (not cumulative), `+Inf` last.
     pub buckets: [u64; BUCKETS_MS.len() + 1],
     pub duration_ms: u64,

@@ -131,6 +131,7 @@ fn entry_json(e: &EntrySnapshot) -> Value {
         "ends": ends,
         "rejects": rejects,
         "protocol_violations": violations,
+        "messages_delayed": {"client": e.delayed[0], "upstream": e.delayed[1]},
         "duration": {
             "buckets": buckets,
             "sum_seconds": e.duration_ms as f64 / 1000.0,
@@ -310,6 +311,18 @@ pub fn prometheus(zone: &str, s: &Snapshot) -> String {
         for (r, n) in Reject::ALL.iter().zip(&e.rejects) {
             let l = labels(e, &[("reason", r.as_str().into())]);
             emit(&mut p, "nginx_ws_handshake_rejections_total", l, n);
+        }
+    }
+
+    p.family(
+        "nginx_ws_messages_delayed_total",
+        "counter",
+        "Data messages a ws_limit held back, by the peer that sent them.",
+    );
+    for e in &s.entries {
+        for (side, n) in ["client", "upstream"].iter().zip(&e.delayed) {
+            let l = labels(e, &[("direction", (*side).into())]);
+            emit(&mut p, "nginx_ws_messages_delayed_total", l, n);
         }
     }
 

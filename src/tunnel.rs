@@ -30,8 +30,8 @@ use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, T
 use crate::log::LogFile;
 use crate::observe::{Capture, Direction, Observed};
 use crate::record::{
-    CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
-    SideRecord,
+    CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
+    PayloadField, SideRecord,
 };
 use crate::status::{self, Slot};
 
@@ -54,6 +54,8 @@ struct Recorder {
     conn: u64,
     /// `$request_id`, in the request pool.
     request_id: Option<&'static str>,
+    /// `conn` and `request_id` rendered for frame and message records, when they are logged.
+    ident: Option<Ident>,
     /// `ws_log_payload`.
     payload: usize,
     /// The tunnel's counters in the `ws_status_zone`.
@@ -235,6 +237,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             events: lcf.events(),
             conn,
             request_id,
+            ident: (lcf.log_file().is_some()
+                && lcf.events() & (events::FRAME | events::MESSAGE) != 0)
+                .then(|| Ident::new(conn, request_id)),
             payload: lcf.payload(),
             stats: None,
         },
@@ -675,6 +680,7 @@ impl Recorder {
                     payload_truncated: payload.map(|p| p.truncated),
                     code: f.close_code,
                     reason: f.close_reason.as_deref(),
+                    ident: self.ident.as_ref(),
                 };
                 lf.write(&rec);
             }
@@ -701,6 +707,7 @@ impl Recorder {
                     compressed: m.compressed,
                     payload,
                     payload_truncated: payload.map(|p| p.truncated),
+                    ident: self.ident.as_ref(),
                 };
                 lf.write(&rec);
             }
@@ -728,6 +735,7 @@ impl Recorder {
                     payload_truncated: None,
                     code: *code,
                     reason: *reason,
+                    ident: self.ident.as_ref(),
                 };
                 lf.write(&rec);
             }

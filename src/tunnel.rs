@@ -85,9 +85,9 @@ pub struct Tunnel {
     drain_index: Option<usize>,
     tick: TickEvent,
     ending: bool,
-    /// The proxy never writes in this tunnel and nothing reads its frames one by one (only
-    /// counters, close records and variables): nginx's writes pass straight through and are
-    /// observed, without the shaping of [`Flow::send`].
+    /// The proxy never writes in this tunnel (no time directive, size limit or protocol
+    /// check): nginx's writes pass straight through and are observed, without the shaping of
+    /// [`Flow::send`]; frames one by one only when records or metrics read them.
     passive: bool,
 }
 
@@ -294,7 +294,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         }
     }
 
-    t.passive = !proxy_writes && !t.rec.wants_events();
+    t.passive = !proxy_writes;
     if t.life.timers().drain > 0 {
         let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
         t.drain_index = Some(index);
@@ -831,7 +831,8 @@ impl Tunnel {
         }
     }
 
-    /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed.
+    /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed (counted
+    /// only, when nothing reads the frames one by one).
     fn pass(&mut self, from: From, data: &[u8]) -> isize {
         let (flow, c, send) = match from {
             From::Upstream => (&mut self.to_client, self.client_conn, self.client_send),
@@ -848,7 +849,13 @@ impl Tunnel {
         let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
         if n > 0 {
             let had_close = flow.obs.close_sent;
-            flow.obs.count(&data[..(n as usize).min(data.len())]);
+            let sent = &data[..(n as usize).min(data.len())];
+            if self.rec.wants_events() {
+                let rec = &mut self.rec;
+                flow.observe_sent(sent, |e| rec.on(from, &e));
+            } else {
+                flow.obs.count(sent);
+            }
             if !had_close && flow.obs.close_sent {
                 self.life.peer_closed(from);
             }

@@ -1,4 +1,4 @@
-//! The benchmark load generator that `scripts/bench` runs (see the README's Benchmarks).
+//! The benchmark load generator that `scripts/bench` runs (see docs/benchmarks.md).
 //!
 //! Starts every configuration itself on 127.0.0.1 — the echo upstream directly, stock nginx,
 //! nginx with the module loaded but no `ws_*` directive, the module tracking with `close`

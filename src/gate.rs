@@ -30,29 +30,10 @@ use crate::conf::{events, LocConf, MainConf};
 use crate::http::{self, header_values};
 use crate::record::RejectRecord;
 use crate::route::{self, Chosen, Handshake, RequestError, Upgrade, UpgradeRequest};
+use crate::status::Reject;
 
 /// `426 Upgrade Required`: nginx has no status line of its own for it.
 pub const NGX_HTTP_UPGRADE_REQUIRED: ngx_int_t = 426;
-
-/// Why a request was refused, as the `reject` record's `reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Origin,
-    Handshake,
-    NoRoute,
-    NotUpgrade,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Origin => "origin",
-            Reason::Handshake => "handshake",
-            Reason::NoRoute => "no_route",
-            Reason::NotUpgrade => "not_upgrade",
-        }
-    }
-}
 
 /// Installs the preaccess handler (postconfiguration), only when some scope uses the gate: with
 /// no `ws_route`, `ws_allow_origin` or `ws_handshake strict` anywhere, requests never meet it.
@@ -226,7 +207,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
                     req,
                     lcf,
                     NGX_HTTP_BAD_REQUEST as ngx_int_t,
-                    Reason::Handshake,
+                    Reject::Handshake,
                 );
             }
             Err(RequestError::Version) => {
@@ -238,7 +219,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
                 if !add_header_out(req, "Sec-WebSocket-Version", "13") {
                     return ngx::ffi::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
                 }
-                return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reason::Handshake);
+                return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reject::Handshake);
             }
         }
     }
@@ -257,7 +238,7 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
                     "ws: origin \"{}\" not allowed",
                     shown
                 );
-                return reject(req, lcf, NGX_HTTP_FORBIDDEN as ngx_int_t, Reason::Origin);
+                return reject(req, lcf, NGX_HTTP_FORBIDDEN as ngx_int_t, Reject::Origin);
             }
         }
     }
@@ -268,12 +249,12 @@ unsafe extern "C" fn ngx_http_ws_gate_handler(r: *mut ngx_http_request_t) -> ngx
         unsafe { store(req, mcf, Some(c)) };
         if c.is_none() {
             if upgrade {
-                return reject(req, lcf, NGX_HTTP_NOT_FOUND as ngx_int_t, Reason::NoRoute);
+                return reject(req, lcf, NGX_HTTP_NOT_FOUND as ngx_int_t, Reject::NoRoute);
             }
             if !add_header_out(req, "Upgrade", "websocket") {
                 return ngx::ffi::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
             }
-            return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reason::NotUpgrade);
+            return reject(req, lcf, NGX_HTTP_UPGRADE_REQUIRED, Reject::NotUpgrade);
         }
     }
     declined
@@ -328,7 +309,7 @@ pub unsafe fn check_upstream_101(r: *mut ngx_http_request_t) -> Option<ngx_int_t
         req,
         lcf,
         NGX_HTTP_BAD_GATEWAY as ngx_int_t,
-        Reason::Handshake,
+        Reject::Handshake,
     );
     // SAFETY: nothing has been sent yet (this filter runs before nginx's header filter); the
     // upstream's headers must not reach the client with the 502.
@@ -344,19 +325,10 @@ pub fn reject(
     r: &mut ngx_http_request_t,
     lcf: &LocConf,
     status: ngx_int_t,
-    reason: Reason,
+    reason: Reject,
 ) -> ngx_int_t {
     // Rejections are counted before any route is chosen: under the empty label set.
-    crate::status::count_reject(
-        "",
-        "",
-        match reason {
-            Reason::Origin => crate::status::Reject::Origin,
-            Reason::Handshake => crate::status::Reject::Handshake,
-            Reason::NoRoute => crate::status::Reject::NoRoute,
-            Reason::NotUpgrade => crate::status::Reject::NotUpgrade,
-        },
-    );
+    crate::status::count_reject("", "", reason);
     if lcf.events() & events::REJECT != 0 {
         if let Some(mut lf) = lcf.log_file() {
             // SAFETY: LogFiles live in the configuration pool, which outlives requests.

@@ -5,7 +5,6 @@ use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_t, ngx_int_t,
     ngx_pnalloc, ngx_str_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE,
 };
-use ngx::http::Request;
 use ngx::ngx_string;
 
 use crate::tunnel::{self, Tunnel};
@@ -102,7 +101,7 @@ unsafe extern "C" fn ngx_http_ws_variable(
     data: usize,
 ) -> ngx_int_t {
     // SAFETY: nginx passes a live request and a value slot to fill.
-    let (request, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+    let (request, v) = unsafe { (crate::http::request(&*r), &mut *v) };
     let found = VARS
         .get(data)
         .and_then(|(_, which)| tunnel::of_request(request).and_then(|t| value(t, *which)));

@@ -1,3 +1,3 @@
 //! The fuzz targets use the module's pure core crate as any dependent does.
 
-pub use ws_core::{flow, frame, observe, record};
+pub use ws_core::{flow, frame, lifecycle, observe, record};

@@ -2,6 +2,7 @@
 //! `load_module`, real WebSocket peers, run-time ports on 127.0.0.1.
 
 mod config;
+mod docs;
 mod examples;
 mod harness;
 mod logfile;

@@ -52,7 +52,9 @@ const USAGE: &str = "usage: ws-bench --nginx PATH --module PATH --out DIR [optio
   --only LIST         comma-separated workload id prefixes to run (echo, stream, idle,
                       echo-64B, ...)
   --criterion DIR     criterion's output folder (target/criterion): parser figures for the
-                      report";
+                      report
+  --instructions FILE a table of scripts/bench-instructions (bench-results/instructions/
+                      <SIZE>B.md), judged against the instruction targets; repeatable";
 
 // --- Arguments --------------------------------------------------------------------------------
 
@@ -73,6 +75,8 @@ struct Args {
     idle: usize,
     only: Vec<String>,
     criterion: Option<PathBuf>,
+    /// Tables written by scripts/bench-instructions.
+    instructions: Vec<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -88,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
     let mut idle = None;
     let mut only = Vec::new();
     let mut criterion = None;
+    let mut instructions = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -98,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
             "--out" => out = Some(PathBuf::from(value()?)),
             "--work" => work = Some(PathBuf::from(value()?)),
             "--criterion" => criterion = Some(PathBuf::from(value()?)),
+            "--instructions" => instructions.push(PathBuf::from(value()?)),
             "--quick" => quick = true,
             "--pin" => pin = true,
             "--no-pin" => pin = false,
@@ -149,6 +155,7 @@ fn parse_args() -> Result<Args, String> {
         idle: idle.unwrap_or(if quick { 1000 } else { 10_000 }),
         only,
         criterion,
+        instructions,
     })
 }
 
@@ -170,16 +177,18 @@ enum Target {
     Loaded,
     Close,
     Frame,
+    FrameUnbuffered,
     Payload,
     Haproxy,
 }
 
-const TARGETS: [Target; 7] = [
+const TARGETS: [Target; 8] = [
     Target::Direct,
     Target::Stock,
     Target::Loaded,
     Target::Close,
     Target::Frame,
+    Target::FrameUnbuffered,
     Target::Payload,
     Target::Haproxy,
 ];
@@ -192,6 +201,7 @@ impl Target {
             Target::Loaded => "module-off",
             Target::Close => "close",
             Target::Frame => "frame",
+            Target::FrameUnbuffered => "frame-unbuffered",
             Target::Payload => "frame-payload",
             Target::Haproxy => "haproxy",
         }
@@ -204,6 +214,7 @@ impl Target {
             Target::Loaded => "module, no directive",
             Target::Close => "close records",
             Target::Frame => "frame records",
+            Target::FrameUnbuffered => "frame records, unbuffered",
             Target::Payload => "frame + payload 64",
             Target::Haproxy => "HAProxy",
         }
@@ -220,6 +231,10 @@ impl Target {
             }
             Target::Frame => {
                 "ws_log logs/ws.log buffer=64k flush=1s; ws_log_events open frame close"
+            }
+            Target::FrameUnbuffered => {
+                "ws_log logs/ws.log; ws_log_events open frame close (each record written \
+                 at once, as the README's first examples do)"
             }
             Target::Payload => "as frame, plus ws_log_payload 64",
             Target::Haproxy => "HAProxy, mode http, nbthread 1, timeout tunnel 1h",
@@ -240,6 +255,9 @@ impl Target {
             Target::Frame => {
                 "      ws_log logs/ws.log buffer=64k flush=1s;\n      \
                  ws_log_events open frame close;\n"
+            }
+            Target::FrameUnbuffered => {
+                "      ws_log logs/ws.log;\n      ws_log_events open frame close;\n"
             }
             Target::Payload => {
                 "      ws_log logs/ws.log buffer=64k flush=1s;\n      \
@@ -1008,17 +1026,25 @@ fn stat_json(s: Option<Stat>) -> Value {
     }
 }
 
+/// Per-round ratios of `f(target)` to `f(stock)` in the same round.
+fn ratios(
+    rounds: &[BTreeMap<Target, Sample>],
+    t: Target,
+    f: impl Fn(&Sample) -> Option<f64>,
+) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|r| Some(f(r.get(&t)?)? / f(r.get(&Target::Stock)?)?))
+        .collect()
+}
+
 /// Per-round ratio of `f(target)` to `f(stock)` in the same round, summarised.
 fn ratio(
     rounds: &[BTreeMap<Target, Sample>],
     t: Target,
     f: impl Fn(&Sample) -> Option<f64>,
 ) -> Option<Stat> {
-    let v: Vec<f64> = rounds
-        .iter()
-        .filter_map(|r| Some(f(r.get(&t)?)? / f(r.get(&Target::Stock)?)?))
-        .collect();
-    stat(&v)
+    stat(&ratios(rounds, t, f))
 }
 
 // --- The run ----------------------------------------------------------------------------------
@@ -1238,12 +1264,18 @@ fn run(args: &Args) -> Result<(), String> {
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let machine = machine(args, load_start.trim(), load_end.trim());
     let elapsed = started.elapsed().as_secs_f64();
+    let instructions = args
+        .instructions
+        .iter()
+        .map(|p| read_instructions(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let report = Report {
         args,
         targets: &targets,
         results: &results,
         idle: idle_res.as_ref(),
         parser: parser.as_ref(),
+        instructions: &instructions,
         machine: &machine,
         elapsed,
     };
@@ -1407,6 +1439,7 @@ struct Report<'a> {
     results: &'a [WorkResult],
     idle: Option<&'a IdleResult>,
     parser: Option<&'a ParserFigures>,
+    instructions: &'a [InstrTable],
     machine: &'a BTreeMap<&'static str, String>,
     elapsed: f64,
 }
@@ -1416,11 +1449,156 @@ struct Goal {
     what: String,
     limit: String,
     got: String,
-    met: Option<bool>,
+    met: Met,
+}
+
+/// Whether a target is met, beyond the noise of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Met {
+    Yes,
+    No,
+    /// The limit lies inside the interval: this run cannot tell.
+    WithinNoise,
+    NotMeasured,
+}
+
+impl Met {
+    fn text(self) -> &'static str {
+        match self {
+            Met::Yes => "yes",
+            Met::No => "**no**",
+            Met::WithinNoise => "within noise",
+            Met::NotMeasured => "—",
+        }
+    }
+
+    fn json(self) -> Value {
+        match self {
+            Met::Yes => json!(true),
+            Met::No => json!(false),
+            Met::WithinNoise => json!("within noise"),
+            Met::NotMeasured => Value::Null,
+        }
+    }
+
+    /// For an upper limit, from an interval [lo, hi] of the measured value.
+    fn upper(limit: f64, lo: f64, hi: f64) -> Met {
+        if hi <= limit {
+            Met::Yes
+        } else if lo > limit {
+            Met::No
+        } else {
+            Met::WithinNoise
+        }
+    }
 }
 
 fn pct(r: f64) -> String {
     format!("{:+.1} %", (r - 1.0) * 100.0)
+}
+
+/// A ratio's median over the rounds with its spread: `+7.4 % [-2.1, +15.3]` (min–max of the
+/// per-round ratios).
+fn pct_spread(s: Stat) -> String {
+    format!(
+        "{} [{:+.1}, {:+.1}]",
+        pct(s.med),
+        (s.min - 1.0) * 100.0,
+        (s.max - 1.0) * 100.0
+    )
+}
+
+/// A small deterministic generator for the bootstrap (xorshift64*): the same run gives the
+/// same interval.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// Bootstrap resamples for the geometric-mean intervals.
+const RESAMPLES: usize = 2000;
+
+/// The geometric mean over workloads of each workload's median per-round ratio, and its 95 %
+/// percentile-bootstrap interval: each resample draws every workload's rounds again, with
+/// replacement. `per_work` holds each workload's per-round ratios.
+fn geo_interval(per_work: &[Vec<f64>]) -> Option<(f64, f64, f64)> {
+    let geo = |meds: &mut dyn Iterator<Item = f64>| -> f64 {
+        let (sum, n) = meds.fold((0.0, 0), |(s, n), m| (s + m.ln(), n + 1));
+        (sum / f64::from(n)).exp()
+    };
+    if per_work.is_empty() || per_work.iter().any(Vec::is_empty) {
+        return None;
+    }
+    let point = geo(&mut per_work.iter().filter_map(|v| median(v)));
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut draws: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            geo(&mut per_work.iter().filter_map(|v| {
+                let r: Vec<f64> = (0..v.len()).map(|_| v[rng.below(v.len())]).collect();
+                median(&r)
+            }))
+        })
+        .collect();
+    draws.sort_by(f64::total_cmp);
+    let at = |q: f64| draws[((RESAMPLES as f64 - 1.0) * q).round() as usize];
+    Some((point, at(0.025), at(0.975)))
+}
+
+/// One row of a scripts/bench-instructions table: instructions per message and the extra
+/// over stock nginx.
+#[derive(Debug, Clone)]
+struct InstrRow {
+    label: String,
+    per: i64,
+    extra: i64,
+}
+
+/// A scripts/bench-instructions table: the message size it was measured at, its rows, and
+/// the text itself.
+#[derive(Debug, Clone)]
+struct InstrTable {
+    size: String,
+    rows: Vec<InstrRow>,
+    text: String,
+}
+
+fn read_instructions(path: &Path) -> Result<InstrTable, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // "... round trips of 64 B messages ..."
+    let size = text
+        .split(" round trips of ")
+        .nth(1)
+        .and_then(|t| t.split(" messages").next())
+        .unwrap_or("?")
+        .to_string();
+    let rows = text
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l
+                .trim()
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect();
+            let per = cells.get(1)?.parse().ok()?;
+            let extra = match *cells.get(2)? {
+                "—" => 0,
+                x => x.trim_start_matches('+').parse().ok()?,
+            };
+            Some(InstrRow {
+                label: cells[0].to_string(),
+                per,
+                extra,
+            })
+        })
+        .collect();
+    Ok(InstrTable { size, rows, text })
 }
 
 impl Report<'_> {
@@ -1442,18 +1620,49 @@ impl Report<'_> {
 
     fn goals(&self) -> Vec<Goal> {
         let mut g = Vec::new();
-        // Worst workload (median ratio) among those matching `pick`.
-        // Over the workloads matching `pick`: the geometric mean of the median ratios (judged),
-        // and the worst one.
-        let summary = |t: Target, pick: &dyn Fn(Work) -> bool| -> Option<(f64, f64, String)> {
-            let v: Vec<(f64, String)> = self
-                .results
+        // Instructions per proxied message (callgrind): the primary judge, repeatable.
+        for table in self.instructions {
+            for (label, limit) in [
+                ("module, no directive", 0),
+                ("close records + $ws_* variables", 150),
+                ("frame records", 500),
+                ("frame + payload 64", 900),
+            ] {
+                let row = table.rows.iter().find(|r| r.label == label);
+                g.push(Goal {
+                    what: format!(
+                        "{label}: extra user-space instructions per proxied message, {} \
+                         (callgrind)",
+                        table.size
+                    ),
+                    limit: format!("≤ {limit:+}"),
+                    got: row.map_or("not measured".into(), |r| {
+                        format!("{:+} ({} per message)", r.extra, r.per)
+                    }),
+                    // The subtraction of the fixed cost moves a count by ±2.
+                    met: row.map_or(Met::NotMeasured, |r| {
+                        Met::upper(limit as f64, (r.extra - 2) as f64, (r.extra + 2) as f64)
+                    }),
+                });
+            }
+        }
+        // Over the workloads matching `pick`: the geometric mean of the median per-round
+        // ratios (judged) with its bootstrap interval, and the worst workload.
+        let summary = |t: Target,
+                       pick: &dyn Fn(Work) -> bool|
+         -> Option<((f64, f64, f64), f64, String)> {
+            let picked: Vec<&WorkResult> = self.results.iter().filter(|r| pick(r.work)).collect();
+            let per_work: Vec<Vec<f64>> = picked
                 .iter()
-                .filter(|r| pick(r.work))
+                .map(|r| ratios(&r.rounds, t, Sample::cpu_per_1e5))
+                .filter(|v| !v.is_empty())
+                .collect();
+            let geo = geo_interval(&per_work)?;
+            let v: Vec<(f64, String)> = picked
+                .iter()
                 .filter_map(|r| Some((Self::cpu_ratio(r, t)?.med, r.work.label())))
                 .collect();
             let worst = v.iter().max_by(|a, b| a.0.total_cmp(&b.0))?;
-            let geo = (v.iter().map(|x| x.0.ln()).sum::<f64>() / v.len() as f64).exp();
             Some((geo, worst.0, worst.1.clone()))
         };
         let all = |_: Work| true;
@@ -1462,11 +1671,28 @@ impl Report<'_> {
             let w = summary(t, pick);
             g.push(Goal {
                 what: what.to_string(),
-                limit: format!("≤ {:+.0} %", limit * 100.0),
-                got: w.as_ref().map_or("not measured".into(), |(geo, r, l)| {
-                    format!("{} (worst: {}, {l})", pct(*geo), pct(*r))
-                }),
-                met: w.map(|(geo, _, _)| geo - 1.0 <= limit),
+                limit: if limit.is_finite() {
+                    format!("≤ {:+.0} %", limit * 100.0)
+                } else {
+                    "—".into()
+                },
+                got: w
+                    .as_ref()
+                    .map_or("not measured".into(), |((geo, lo, hi), r, l)| {
+                        format!(
+                            "{} [95 % interval {:+.1}, {:+.1}] (worst: {}, {l})",
+                            pct(*geo),
+                            (lo - 1.0) * 100.0,
+                            (hi - 1.0) * 100.0,
+                            pct(*r)
+                        )
+                    }),
+                met: match w {
+                    Some(((_, lo, hi), _, _)) if limit.is_finite() => {
+                        Met::upper(limit, lo - 1.0, hi - 1.0)
+                    }
+                    _ => Met::NotMeasured,
+                },
             });
         };
         cpu_goal(
@@ -1482,9 +1708,16 @@ impl Report<'_> {
             &all,
         );
         cpu_goal(
-            "frame records: worker CPU per message, 1 KiB echo workloads",
+            "frame records (buffer=64k): worker CPU per message, 1 KiB echo workloads",
             Target::Frame,
-            0.15,
+            0.08,
+            &echo_size(1024),
+        );
+        cpu_goal(
+            "frame records, unbuffered: worker CPU per message, 1 KiB echo workloads \
+             (reported; no limit of its own)",
+            Target::FrameUnbuffered,
+            f64::INFINITY,
             &echo_size(1024),
         );
         cpu_goal(
@@ -1498,7 +1731,7 @@ impl Report<'_> {
             what: "extra worker memory per tracked tunnel (close records vs stock)".into(),
             limit: "≤ 1024 B".into(),
             got: mem.map_or("not measured".into(), |s| format!("{:.0} B", s.med)),
-            met: mem.map(|s| s.med <= 1024.0),
+            met: mem.map_or(Met::NotMeasured, |s| Met::upper(1024.0, s.min, s.max)),
         });
         let gbs = self.parser.and_then(|p| {
             p.get(&("parser".into(), "whole".into(), "1KiB".into()))
@@ -1508,7 +1741,16 @@ impl Report<'_> {
             what: "parser, 1 KiB frames, whole buffers".into(),
             limit: "≥ 1 GB/s".into(),
             got: gbs.map_or("not measured".into(), |v| format!("{v:.2} GB/s")),
-            met: gbs.map(|v| v >= 1.0),
+            met: gbs.map_or(
+                Met::NotMeasured,
+                |v| {
+                    if v >= 1.0 {
+                        Met::Yes
+                    } else {
+                        Met::No
+                    }
+                },
+            ),
         });
         g
     }
@@ -1555,23 +1797,39 @@ impl Report<'_> {
              message crosses the proxy both ways); for `stream`, one message the upstream \
              received. MB/s is payload one way. CPU is the nginx worker's (HAProxy's) run time \
              from /proc/PID/task/*/schedstat over the measured window. Ratios are taken against \
-             stock nginx within each round, then the median over rounds.\n"
+             stock nginx within each round, then the median over rounds; the spread in brackets \
+             is the min–max of those per-round ratios, in per cent.\n"
         );
 
         let _ = writeln!(
             o,
-            "## Targets\n\nCPU targets: the geometric mean over the workloads named of each \
-             workload's median ratio to stock nginx, which is what is judged, and the worst \
-             workload.\n"
+            "## Targets\n\nInstruction counts (callgrind, user space, one connection; \
+             scripts/bench-instructions) are the primary judge: the same binary and input give \
+             the same count whatever else the machine does. CPU targets: the geometric mean \
+             over the workloads named of each workload's median per-round ratio to stock \
+             nginx, with a 95 % bootstrap interval (the rounds of every workload drawn again, \
+             {RESAMPLES} times); met when the whole interval is within the limit, within noise \
+             when the limit lies inside it; the worst workload beside it.\n"
         );
         let _ = writeln!(o, "| Target | Limit | Measured | Met |\n|---|---|---|---|");
         for g in self.goals() {
-            let met = match g.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "—",
-            };
-            let _ = writeln!(o, "| {} | {} | {} | {met} |", g.what, g.limit, g.got);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} |",
+                g.what,
+                g.limit,
+                g.got,
+                g.met.text()
+            );
+        }
+
+        for t in self.instructions {
+            let _ = writeln!(
+                o,
+                "\n## Instructions per proxied message, {} (callgrind)\n\n{}",
+                t.size,
+                t.text.trim_end()
+            );
         }
 
         let header = |o: &mut String, first: &str, with_direct: bool| {
@@ -1604,7 +1862,7 @@ impl Report<'_> {
                 let c = self.stats(r, *t, Sample::cpu_per_1e5);
                 let cell = match (c, *t == Target::Stock, Self::cpu_ratio(r, *t)) {
                     (Some(c), true, _) => format!("{:.1}", c.med),
-                    (Some(c), false, Some(x)) => format!("{:.1} ({})", c.med, pct(x.med)),
+                    (Some(c), false, Some(x)) => format!("{:.1} ({})", c.med, pct_spread(x)),
                     _ => "—".into(),
                 };
                 let _ = write!(o, " {cell} |");
@@ -1625,7 +1883,7 @@ impl Report<'_> {
                         format!("{:.0} ({:.1})", v.med, mb.med)
                     }
                     (Some(v), Some(mb)) => match x {
-                        Some(x) => format!("{:.0} ({:.1}) {}", v.med, mb.med, pct(x.med)),
+                        Some(x) => format!("{:.0} ({:.1}) {}", v.med, mb.med, pct_spread(x)),
                         None => format!("{:.0} ({:.1})", v.med, mb.med),
                     },
                     _ => "—".into(),
@@ -1803,7 +2061,7 @@ impl Report<'_> {
         let goals: Vec<Value> = self
             .goals()
             .into_iter()
-            .map(|g| json!({"target": g.what, "limit": g.limit, "measured": g.got, "met": g.met}))
+            .map(|g| json!({"target": g.what, "limit": g.limit, "measured": g.got, "met": g.met.json()}))
             .collect();
         let configs: Vec<Value> = self
             .targets
@@ -1819,6 +2077,12 @@ impl Report<'_> {
             "elapsed_s": self.elapsed,
             "configurations": configs,
             "targets": goals,
+            "instructions": self.instructions.iter().map(|t| json!({
+                "size": t.size,
+                "rows": t.rows.iter().map(|r| json!({
+                    "configuration": r.label, "per_message": r.per, "extra_vs_stock": r.extra,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "workloads": workloads,
             "idle": idle,
             "parser": parser,

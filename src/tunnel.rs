@@ -31,8 +31,8 @@ use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, T
 use crate::limit::Limiter;
 use crate::observe::{Capture, Direction, Inflate, Observed};
 use crate::record::{
-    CloseRecord, End, FrameRecord, From, MessageRecord, OpcodeField, OpenRecord, PayloadField,
-    SideRecord,
+    CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
+    PayloadField, SideRecord,
 };
 use crate::sink::LogSet;
 use crate::status::{self, Slot};
@@ -57,6 +57,8 @@ struct Recorder {
     conn: u64,
     /// `$request_id`, in the request pool.
     request_id: Option<&'static str>,
+    /// `conn` and `request_id` rendered for frame and message records, when they are logged.
+    ident: Option<Ident>,
     /// `ws_log_payload`.
     payload: usize,
     /// The tunnel's counters in the `ws_status_zone`.
@@ -86,9 +88,9 @@ pub struct Tunnel {
     drain_index: Option<usize>,
     tick: TickEvent,
     ending: bool,
-    /// The proxy never writes in this tunnel and nothing reads its frames one by one (only
-    /// counters, close records and variables): nginx's writes pass straight through and are
-    /// observed, without the shaping of [`Flow::send`].
+    /// The proxy never writes in this tunnel (no time directive, size limit or protocol
+    /// check): nginx's writes pass straight through and are observed, without the shaping of
+    /// [`Flow::send`]; frames one by one only when records or metrics read them.
     passive: bool,
     /// `ws_limit`s in force (most tunnels have none).
     limiter: Option<Box<Limiter>>,
@@ -274,6 +276,9 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             events: lcf.events(),
             conn,
             request_id,
+            ident: (!lcf.logs().is_empty()
+                && lcf.events() & (events::FRAME | events::MESSAGE) != 0)
+                .then(|| Ident::new(conn, request_id)),
             payload: lcf.payload(),
             stats: None,
         },
@@ -342,7 +347,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         }
     }
     // A limited direction goes through its flow; the other may still pass straight through.
-    t.passive = !proxy_writes && !t.rec.wants_events();
+    t.passive = !proxy_writes;
     if t.life.timers().drain > 0 {
         let (index, started) = crate::drain::join(tp.cast(), Tunnel::schedule_drain);
         t.drain_index = Some(index);
@@ -756,6 +761,7 @@ impl Recorder {
                     payload_truncated: payload.map(|p| p.truncated),
                     code: f.close_code,
                     reason: f.close_reason.as_deref(),
+                    ident: self.ident.as_ref(),
                 };
                 self.logs.write(&rec);
             }
@@ -784,6 +790,7 @@ impl Recorder {
                     payload_truncated: payload.map(|p| p.truncated),
                     inflated_len: m.inflated_len,
                     inflate_error: m.inflate_error.map(InflateError::as_str),
+                    ident: self.ident.as_ref(),
                 };
                 self.logs.write(&rec);
             }
@@ -811,6 +818,7 @@ impl Recorder {
                     payload_truncated: None,
                     code: *code,
                     reason: *reason,
+                    ident: self.ident.as_ref(),
                 };
                 self.logs.write(&rec);
             }
@@ -951,7 +959,8 @@ impl Tunnel {
         }
     }
 
-    /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed.
+    /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed (counted
+    /// only, when nothing reads the frames one by one).
     fn pass(&mut self, from: From, data: &[u8]) -> isize {
         let (flow, c, send) = match from {
             From::Upstream => (&mut self.to_client, self.client_conn, self.client_send),
@@ -968,7 +977,13 @@ impl Tunnel {
         let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
         if n > 0 {
             let had_close = flow.obs.close_sent;
-            flow.obs.count(&data[..(n as usize).min(data.len())]);
+            let sent = &data[..(n as usize).min(data.len())];
+            if self.rec.wants_events() {
+                let rec = &mut self.rec;
+                flow.observe_sent(sent, |e| rec.on(from, &e));
+            } else {
+                flow.obs.count(sent);
+            }
             if !had_close && flow.obs.close_sent {
                 self.life.peer_closed(from);
                 // What travels toward a closing peer is no longer limited (see send).

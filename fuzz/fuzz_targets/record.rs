@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use nginx_ws_fuzz::frame::Opcode;
 use nginx_ws_fuzz::record::{
-    serde_line, FrameRecord, From, Line, MessageRecord, OpcodeField, PayloadField,
+    serde_line, FrameRecord, From, Ident, Line, MessageRecord, OpcodeField, PayloadField,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -38,12 +38,18 @@ fuzz_target!(|data: &[u8]| {
         payload_truncated: Some(truncated),
         code: Some(u16::from(head[1])),
         reason: Some(&reason),
+        ident: None,
     };
     let mut out = Vec::new();
     rec.write_line(&mut out).unwrap();
     // The hand-written line is byte for byte serde's.
     let mut by_serde = Vec::new();
     serde_line(&mut by_serde, &rec).unwrap();
+    assert_eq!(out, by_serde);
+    // With the tunnel's pre-rendered conn and request_id, the same line.
+    let ident = Ident::new(rec.conn, rec.request_id);
+    out.clear();
+    FrameRecord { ident: Some(&ident), ..rec }.write_line(&mut out).unwrap();
     assert_eq!(out, by_serde);
     assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -75,11 +81,16 @@ fuzz_target!(|data: &[u8]| {
         payload_truncated: Some(truncated),
         inflated_len: Some(payload.len() as u64),
         inflate_error: Some(&reason),
+        ident: None,
     };
     out.clear();
     m.write_line(&mut out).unwrap();
     by_serde.clear();
     serde_line(&mut by_serde, &m).unwrap();
+    assert_eq!(out, by_serde);
+    let ident = Ident::new(m.conn, m.request_id);
+    out.clear();
+    MessageRecord { ident: Some(&ident), ..m }.write_line(&mut out).unwrap();
     assert_eq!(out, by_serde);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["request_id"].as_str().unwrap(), reason);

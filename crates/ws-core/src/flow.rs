@@ -430,6 +430,13 @@ impl Flow {
         }
     }
 
+    /// Observes bytes that nginx's own `send` wrote, in a tunnel where the proxy never writes
+    /// a frame of its own: every frame and message is reported as [`Flow::send`] reports it,
+    /// without the shaping (nothing to inject, hold or judge).
+    pub fn observe_sent<F: FnMut(Event<'_>)>(&mut self, data: &[u8], mut on: F) {
+        self.obs.feed(data, self.capture, |o| on(Event::Peer(o)));
+    }
+
     fn next_mask(&mut self) -> Option<[u8; 4]> {
         if self.mask_state == 0 {
             return None;

@@ -10,6 +10,7 @@ pub(crate) use ws_core::{flow, frame, inflate, lifecycle, observe, record, route
 
 pub mod conf;
 mod drain;
+mod error;
 pub mod gate;
 mod http;
 mod limit;

@@ -14,7 +14,7 @@ use ngx::ffi::{
     ngx_syslog_add_header, ngx_syslog_peer_t, ngx_syslog_process_conf, NGX_LOG_ALERT,
 };
 
-use crate::conf::ConfError;
+use crate::error::ConfError;
 use crate::log::{Clock, Losses};
 use crate::record::{Line, TimeText};
 use ws_core::status::Table;

@@ -33,7 +33,18 @@ fn main() {
         println!("cargo::rustc-env=NGX_WS_NGINX_BUILD_DIR={dir}");
     }
     println!("cargo::rerun-if-env-changed=DEP_NGINX_VERSION_NUMBER");
+    // nginx API differences the glue follows (the ngx crate supports 1.22 and later):
+    // ngx_syslog_peer_t.hostname since 1.23.4, NGX_ERROR_IGNORE_EMSGSIZE since 1.25.2.
+    println!("cargo::rustc-check-cfg=cfg(ngx_ws_syslog_peer_hostname)");
+    println!("cargo::rustc-check-cfg=cfg(ngx_ws_ignore_emsgsize)");
     if let Ok(v) = env::var("DEP_NGINX_VERSION_NUMBER") {
         println!("cargo::rustc-env=NGX_WS_NGINX_VERSION_NUMBER={v}");
+        let n: u64 = v.trim().parse().unwrap_or(0);
+        if n >= 1_023_004 {
+            println!("cargo::rustc-cfg=ngx_ws_syslog_peer_hostname");
+        }
+        if n >= 1_025_002 {
+            println!("cargo::rustc-cfg=ngx_ws_ignore_emsgsize");
+        }
     }
 }

@@ -10,8 +10,8 @@
 use core::ptr::NonNull;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_connection_log_error_e_NGX_ERROR_IGNORE_EMSGSIZE, ngx_pcalloc,
-    ngx_syslog_add_header, ngx_syslog_peer_t, ngx_syslog_process_conf, NGX_LOG_ALERT,
+    ngx_conf_t, ngx_pcalloc, ngx_syslog_add_header, ngx_syslog_peer_t, ngx_syslog_process_conf,
+    NGX_LOG_ALERT,
 };
 
 use crate::error::ConfError;
@@ -55,12 +55,13 @@ impl SyslogLog {
         // Failed sends (nothing listening, a record too large for a datagram) are said by
         // our rate-limited line, not by nginx's for every record: nginx logs them at info
         // (EMSGSIZE not at all).
+        // Before nginx 1.25.2 there is no EMSGSIZE level: failures are logged at info there.
+        #[cfg(ngx_ws_ignore_emsgsize)]
+        let level = ngx::ffi::ngx_connection_log_error_e_NGX_ERROR_IGNORE_EMSGSIZE;
+        #[cfg(not(ngx_ws_ignore_emsgsize))]
+        let level = ngx::ffi::ngx_connection_log_error_e_NGX_ERROR_INFO;
         // SAFETY: the peer was just set up by nginx; the socket is not open yet.
-        unsafe {
-            (*peer.as_ptr())
-                .conn
-                .set_log_error(ngx_connection_log_error_e_NGX_ERROR_IGNORE_EMSGSIZE);
-        }
+        unsafe { (*peer.as_ptr()).conn.set_log_error(level) };
         Ok(SyslogLog {
             peer,
             name,
@@ -119,10 +120,15 @@ impl SyslogLog {
         // points at the cycle's.
         let (host, tag) = unsafe {
             let p = self.peer.as_ref();
-            let host = if p.nohostname() != 0 || p.hostname.is_null() {
+            // Before nginx 1.23.4 the header names the cycle's host name.
+            #[cfg(ngx_ws_syslog_peer_hostname)]
+            let hostname = p.hostname;
+            #[cfg(not(ngx_ws_syslog_peer_hostname))]
+            let hostname = &raw const (*ngx::ffi::ngx_cycle).hostname;
+            let host = if p.nohostname() != 0 || hostname.is_null() {
                 0
             } else {
-                (*p.hostname).len
+                (*hostname).len
             };
             (host, p.tag.len)
         };

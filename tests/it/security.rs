@@ -308,7 +308,7 @@ async fn clients_cannot_choose_metric_labels() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
-        let body = reqwest_lite(ngx.port, "/metrics").await;
+        let (_, _, body) = crate::metrics::get(ngx.port, "/metrics").await;
         if body.contains("nginx_ws_tunnels_closed_total") && body.contains("} 2") {
             break body;
         }
@@ -320,18 +320,4 @@ async fn clients_cannot_choose_metric_labels() {
         "{body}"
     );
     assert!(!body.contains(&echo.addr.to_string()), "{body}");
-}
-
-/// A plain HTTP GET; returns the body.
-async fn reqwest_lite(port: u16, path: &str) -> String {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }

@@ -256,11 +256,62 @@ async fn a_stalled_pipe_never_stalls_the_tunnel_nor_tears_lines() {
     assert!(frames > 20 && frames < 400, "{frames} frame records");
 }
 
+/// nginx in the foreground (as in a container), its stdout a pipe read `chunk` bytes a
+/// millisecond by a thread.
+struct ForegroundNginx {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl ForegroundNginx {
+    /// Writes `conf` into `dir` and starts nginx there, waiting until it listens on `port`.
+    fn start(dir: &tempfile::TempDir, conf: &str, port: u16, chunk: usize) -> ForegroundNginx {
+        use std::process::{Command, Stdio};
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let mut child = Command::new(nginx_bin())
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut all = Vec::new();
+            let mut b = vec![0u8; chunk];
+            loop {
+                match out.read(&mut b) {
+                    Ok(0) | Err(_) => return all,
+                    Ok(n) => all.extend_from_slice(&b[..n]),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ForegroundNginx { child, reader }
+    }
+
+    /// Stops nginx gracefully; returns everything it wrote to its stdout.
+    fn quit(mut self) -> Vec<u8> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        self.child.wait().unwrap();
+        self.reader.join().unwrap()
+    }
+}
+
 /// `ws_log /dev/stdout` with nginx in the foreground, its stdout a pipe read slowly (as in a
 /// container): every line is a whole record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
-    use std::process::{Command, Stdio};
     let echo = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("logs")).unwrap();
@@ -274,35 +325,7 @@ async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
             proxy_to(echo.addr)
         ),
     );
-    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut child = Command::new(nginx_bin())
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let mut all = Vec::new();
-        let mut b = [0u8; 333];
-        loop {
-            match out.read(&mut b) {
-                Ok(0) | Err(_) => return all,
-                Ok(n) => all.extend_from_slice(&b[..n]),
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let nginx = ForegroundNginx::start(&dir, &conf, port, 333);
     let mut ws = connect(&format!("ws://127.0.0.1:{port}/")).await;
     for i in 0..100 {
         ws.send(Message::Text(format!("{i:04}{}", "y".repeat(1996))))
@@ -313,10 +336,7 @@ async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
-    child.wait().unwrap();
-    let recs = whole_lines(&reader.join().unwrap());
+    let recs = whole_lines(&nginx.quit());
     assert_eq!(recs[0]["event"], "open");
     // A reader slower than the traffic loses records (counted), never line boundaries.
     let errors = std::fs::read_to_string(dir.path().join("logs/error.log")).unwrap_or_default();
@@ -333,7 +353,6 @@ async fn dev_stdout_of_a_foreground_nginx_gets_whole_lines() {
 /// written one by one (here through a second name of the same pipe) or from a buffer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dev_stdout_shared_by_several_workers_gets_whole_lines() {
-    use std::process::{Command, Stdio};
     let echo = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("logs")).unwrap();
@@ -350,35 +369,7 @@ async fn dev_stdout_shared_by_several_workers_gets_whole_lines() {
             p = proxy_to(echo.addr)
         ),
     );
-    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut child = Command::new(nginx_bin())
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let mut all = Vec::new();
-        let mut b = [0u8; 1000];
-        loop {
-            match out.read(&mut b) {
-                Ok(0) | Err(_) => return all,
-                Ok(n) => all.extend_from_slice(&b[..n]),
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let nginx = ForegroundNginx::start(&dir, &conf, port, 1000);
     let tasks: Vec<_> = (0..16)
         .map(|t| {
             let url = format!(
@@ -402,10 +393,7 @@ async fn dev_stdout_shared_by_several_workers_gets_whole_lines() {
         t.await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
-    child.wait().unwrap();
-    let recs = whole_lines(&reader.join().unwrap());
+    let recs = whole_lines(&nginx.quit());
     assert!(
         of_event(&recs, "frame").len() > 100,
         "{} records",

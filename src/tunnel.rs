@@ -1432,28 +1432,6 @@ fn side(d: &Direction) -> SideRecord<'_> {
 }
 
 /// The tunnel of a request, if it was one.
-///
-/// The module context is the usual way; an internal redirect (`post_action` runs one when the
-/// tunnel ends) clears every module context, so the tunnel is then found by the pool cleanup
-/// that drops it, which lives as long as the request.
 pub fn of_request(r: &Request) -> Option<&Tunnel> {
-    if let Some(t) = r.get_module_ctx::<Tunnel>(crate::module()) {
-        return Some(t);
-    }
-    // SAFETY: the request pool's cleanup list holds valid entries until the pool is destroyed,
-    // and an entry whose handler is drop_tunnel has the live tunnel as its data.
-    unsafe {
-        let mut cln = (*r.as_ref().pool).cleanup;
-        while let Some(c) = cln.as_ref() {
-            if c.handler
-                .is_some_and(|h| ptr::fn_addr_eq(h, drop_tunnel as CleanupFn))
-            {
-                return c.data.cast::<Tunnel>().as_ref();
-            }
-            cln = c.next;
-        }
-    }
-    None
+    r.get_module_ctx::<Tunnel>(crate::module())
 }
-
-type CleanupFn = unsafe extern "C" fn(*mut c_void);

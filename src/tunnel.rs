@@ -29,7 +29,7 @@ use crate::http::{addr_text, find_header, non_empty};
 use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
 use crate::limit::Limiter;
-use crate::observe::{Capture, Direction, Inflate, Observed};
+use crate::observe::{Capture, Direction, Inflate, Observed, Unread};
 use crate::record::{
     CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
     PayloadField, SideRecord,
@@ -198,10 +198,19 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     let extensions = find_header(&req.headers_out.headers, b"sec-websocket-extensions");
     let subprotocol = find_header(&req.headers_out.headers, b"sec-websocket-protocol");
+    let logs = LogSet::select(request, lcf.logs());
+    // What the chosen logs and the metrics read of the frames: the rest is not captured.
+    let logged = |kind: u32| !logs.is_empty() && lcf.events() & kind != 0;
+    let metrics = mcf.is_some_and(|m| m.status.enabled());
     let capture = Capture {
         payload: lcf.payload(),
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
         inflate: Inflate::Off,
+        unread: Unread {
+            frame_payload: !logged(events::FRAME),
+            message_payload: !logged(events::MESSAGE),
+            messages: !logged(events::MESSAGE) && !metrics,
+        },
     };
     let (client_inflate, upstream_inflate) = inflation(lcf, &req.headers_out.headers);
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
@@ -272,7 +281,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             0,
         ),
         rec: Recorder {
-            logs: LogSet::select(request, lcf.logs()),
+            logs,
             events: lcf.events(),
             conn,
             request_id,

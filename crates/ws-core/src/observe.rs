@@ -19,6 +19,42 @@ pub struct Capture {
     pub deflate: bool,
     /// Whether and how compressed messages are inflated.
     pub inflate: Inflate,
+    /// What nothing reads, left out.
+    pub unread: Unread,
+}
+
+impl Capture {
+    /// The payload prefix kept for each data frame.
+    #[inline(always)]
+    fn frame_prefix(&self) -> usize {
+        if self.unread.frame_payload {
+            0
+        } else {
+            self.payload
+        }
+    }
+
+    /// The payload prefix kept (or inflated) for each message.
+    #[inline(always)]
+    fn message_prefix(&self) -> usize {
+        if self.unread.message_payload {
+            0
+        } else {
+            self.payload
+        }
+    }
+}
+
+/// What no record or metric reads, so that observing skips it (by default nothing is skipped).
+/// The counters, the Close frames and the inflation a limit needs stay the same either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unread {
+    /// Frames' payload prefixes (no `frame` records are written).
+    pub frame_payload: bool,
+    /// Messages' payload prefixes (no `message` records are written).
+    pub message_payload: bool,
+    /// Completed messages are counted but not reported.
+    pub messages: bool,
 }
 
 /// Inflation of this direction's compressed messages.
@@ -319,7 +355,7 @@ impl Direction {
                 if !d.ahead && !d.exceeded {
                     let k = self.kept.get_or_insert_with(Box::default);
                     let need = Need {
-                        prefix: cap.payload,
+                        prefix: cap.message_prefix(),
                         limit,
                     };
                     if d.inf
@@ -333,20 +369,25 @@ impl Direction {
             }
             return;
         }
-        if cap.payload == 0 {
+        let (frame, message) = (cap.frame_prefix(), cap.message_prefix());
+        if frame == 0 && message == 0 {
             return;
         }
         let k = self.kept.get_or_insert_with(Box::default);
-        let room = cap.payload.saturating_sub(k.frame.len());
-        if data.len() > room {
-            k.frame_truncated = true;
+        if frame > 0 {
+            let room = frame.saturating_sub(k.frame.len());
+            if data.len() > room {
+                k.frame_truncated = true;
+            }
+            keep(&mut k.frame, data, room, h.mask, offset);
         }
-        keep(&mut k.frame, data, room, h.mask, offset);
-        let room = cap.payload.saturating_sub(k.message.len());
-        if data.len() > room {
-            m.truncated = true;
+        if message > 0 {
+            let room = message.saturating_sub(k.message.len());
+            if data.len() > room {
+                m.truncated = true;
+            }
+            keep(&mut k.message, data, room, h.mask, offset);
         }
-        keep(&mut k.message, data, room, h.mask, offset);
     }
 
     /// The frame `h` ended: it is reported, then the message it completed (with `REPORT`).
@@ -380,7 +421,7 @@ impl Direction {
             if let Some(m) = self.msg.as_mut() {
                 m.frames += 1;
                 message_kind = Some(m.kind);
-                captured = cap.payload > 0 && !m.compressed;
+                captured = cap.frame_prefix() > 0 && !m.compressed;
                 finished = h.fin;
             }
         }
@@ -405,7 +446,7 @@ impl Direction {
         }
         self.messages += 1;
         let Some(p) = self.msg.take() else { return };
-        if !REPORT {
+        if !REPORT || cap.unread.messages {
             return;
         }
         // Lend the kept prefix to the message, then take the buffer back.
@@ -429,16 +470,16 @@ impl Direction {
             match (cap.inflate, inflated) {
                 (Inflate::Unsupported, _) => m.inflate_error = Some(InflateError::Unsupported),
                 (_, Some(Ok(i))) => {
-                    m.inflated = i.error.is_none() && cap.payload > 0;
+                    m.inflated = i.error.is_none() && cap.message_prefix() > 0;
                     m.inflated_len = i.len;
                     m.inflate_error = i.error;
-                    m.truncated = i.len.map_or(m.payload.len() >= cap.payload, |l| {
+                    m.truncated = i.len.map_or(m.payload.len() >= cap.message_prefix(), |l| {
                         l > m.payload.len() as u64
                     });
                 }
                 // Past the limit: the tunnel closes; the prefix is what was inflated.
                 (_, Some(Err(Exceeded))) => {
-                    m.inflated = cap.payload > 0;
+                    m.inflated = cap.message_prefix() > 0;
                     m.truncated = true;
                 }
                 _ => {}
@@ -486,7 +527,7 @@ impl Direction {
         }
         let k = self.kept.get_or_insert_with(Box::default);
         let need = Need {
-            prefix: cap.payload,
+            prefix: cap.message_prefix(),
             limit,
         };
         let r = d.inf.finish(need, &mut k.message);
@@ -537,7 +578,7 @@ impl Direction {
             .and_then(|l| l.checked_add(hlen))
             .filter(|&e| e <= frame.len())?;
         let need = Need {
-            prefix: cap.payload,
+            prefix: cap.message_prefix(),
             limit,
         };
         let k = self.kept.get_or_insert_with(Box::default);
@@ -671,6 +712,7 @@ pub(crate) mod tests {
             payload: 5,
             deflate: false,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, d) = run(&[&s], cap);
         assert_eq!(d.frames, 6);
@@ -728,6 +770,7 @@ pub(crate) mod tests {
             payload: 3,
             deflate: false,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (whole, _) = run(&[&s], cap);
         for cut in 0..=s.len() {
@@ -766,6 +809,67 @@ pub(crate) mod tests {
         );
     }
 
+    /// Leaving out what nothing reads changes nothing else: the same counters, the same
+    /// frames (without the unread payloads), the same messages or none, at every split.
+    #[test]
+    fn unread_parts_are_left_out_and_nothing_else() {
+        let s = fragmented();
+        let full = Capture {
+            payload: 3,
+            deflate: false,
+            inflate: Inflate::Off,
+            unread: Unread::default(),
+        };
+        let (whole, d) = run(&[&s], full);
+        let totals = |d: &Direction| {
+            let (f, m, b, c) = (d.frames, d.messages, d.bytes, d.close_code);
+            (f, m, b, c, d.close_reason().map(str::to_owned))
+        };
+        for bits in 0..8u8 {
+            let unread = Unread {
+                frame_payload: bits & 1 != 0,
+                message_payload: bits & 2 != 0,
+                messages: bits & 4 != 0,
+            };
+            let cap = Capture { unread, ..full };
+            let want: Vec<Rec> = whole
+                .iter()
+                .filter(|r| !(unread.messages && matches!(r, Rec::Message(_))))
+                .cloned()
+                .map(|r| match r {
+                    Rec::Frame {
+                        op,
+                        len,
+                        kind,
+                        code,
+                        reason,
+                        ..
+                    } if unread.frame_payload => Rec::Frame {
+                        op,
+                        len,
+                        kind,
+                        payload: None,
+                        truncated: false,
+                        code,
+                        reason,
+                    },
+                    Rec::Message(mut m) if unread.message_payload => {
+                        m.payload.clear();
+                        m.truncated = false;
+                        Rec::Message(m)
+                    }
+                    r => r,
+                })
+                .collect();
+            for cut in 0..=s.len() {
+                let (a, b) = s.split_at(cut);
+                let (got, dd) = run(&[a, b], cap);
+                assert_eq!(got, want, "{unread:?} cut at {cut}");
+                assert_eq!(totals(&dd), totals(&d));
+            }
+        }
+    }
+
     #[test]
     fn compressed_messages_are_flagged_not_captured() {
         let s = build_frame(true, Opcode::Text, None, b"\x01\x02", true);
@@ -773,6 +877,7 @@ pub(crate) mod tests {
             payload: 16,
             deflate: true,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, _) = run(&[&s], cap);
         match &recs[1] {
@@ -833,6 +938,7 @@ pub(crate) mod tests {
             payload,
             deflate: true,
             inflate: Inflate::On { stream, limit },
+            unread: Unread::default(),
         }
     }
 
@@ -901,6 +1007,7 @@ pub(crate) mod tests {
             payload: 16,
             deflate: true,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, d) = run(&[&s], cap);
         assert!(

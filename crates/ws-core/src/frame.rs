@@ -654,7 +654,7 @@ pub(crate) mod tests {
         assert!(Opcode::Reserved(0xb).is_control());
     }
 
-    fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
         (
             any::<bool>(),
             prop_oneof![

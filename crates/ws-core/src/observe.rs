@@ -246,17 +246,21 @@ impl Direction {
 
     /// Feeds bytes that were written, calling `f` for each completed frame and message.
     pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, f: F) {
-        self.run::<true, F>(data, cap, f);
+        self.run::<true, true, F>(data, cap, f);
     }
 
     /// Feeds bytes that were written for the totals and the Close frames only: the same
     /// counters as [`Direction::feed`], no frames or messages reported, nothing captured.
+    /// Inlined: its one caller is the send wrapper of every passive tunnel, in another crate.
+    #[inline]
     pub fn count(&mut self, data: &[u8]) {
-        self.run::<false, _>(data, Capture::default(), |_| {});
+        self.run::<false, true, _>(data, Capture::default(), |_| {});
     }
 
+    /// `SHORT`: whole messages of one frame take [`Direction::single_message`] where it
+    /// applies (always but in the tests that compare the two ways).
     #[inline(always)]
-    fn run<const REPORT: bool, F: FnMut(Observed<'_>)>(
+    fn run<const REPORT: bool, const SHORT: bool, F: FnMut(Observed<'_>)>(
         &mut self,
         data: &[u8],
         cap: Capture,
@@ -266,11 +270,28 @@ impl Direction {
         loop {
             // Whole frames in one step; frames split across writes event by event.
             if let Some((h, payload)) = self.parser.whole_frame(&mut data) {
-                self.header(&h, cap);
-                if !payload.is_empty() {
-                    self.payload(&h, 0, payload, cap);
+                if SHORT && self.single_message(&h, payload.len() as u64, cap, REPORT) {
+                    if REPORT {
+                        f(Observed::Frame(Frame {
+                            header: h,
+                            message_kind: Some(h.opcode),
+                            payload: None,
+                            truncated: false,
+                            close_code: None,
+                            close_reason: None,
+                        }));
+                    }
+                } else {
+                    self.header(&h, cap);
+                    if !payload.is_empty() {
+                        self.payload(&h, 0, payload, cap);
+                    }
+                    self.end::<REPORT, F>(h, cap, &mut f);
                 }
-                self.end::<REPORT, F>(h, cap, &mut f);
+                if data.is_empty() {
+                    // Nothing is due after a whole frame: no need to ask the parser.
+                    return;
+                }
                 continue;
             }
             let Some(ev) = self.parser.next_event(&mut data) else {
@@ -291,6 +312,36 @@ impl Direction {
                 }
             }
         }
+    }
+
+    /// The short way for the usual frame: a whole Text or Binary message of one frame, of
+    /// `n` payload bytes, uncompressed, in a direction that keeps nothing (no Close seen,
+    /// nothing captured or inflated) and reports no messages. When all that holds, changes
+    /// the counters as [`Direction::header`], [`Direction::payload`] and [`Direction::end`]
+    /// would (a property test compares the two ways' state and reports) and returns true;
+    /// the caller reports the frame. Otherwise changes nothing and returns false.
+    #[inline(always)]
+    fn single_message(&mut self, h: &FrameHeader, n: u64, cap: Capture, report: bool) -> bool {
+        if !(h.fin
+            && matches!(h.opcode, Opcode::Text | Opcode::Binary)
+            && !(cap.deflate && h.rsv1)
+            && self.kept.is_none()
+            && self.deflate.is_none()
+            && cap.frame_prefix() == 0
+            && cap.message_prefix() == 0
+            && (!report || cap.unread.messages))
+        {
+            return false;
+        }
+        self.starts += 1;
+        self.counted = self.counted(h) + n;
+        self.bytes += n;
+        self.frames += 1;
+        self.data_frames += 1;
+        self.messages += 1;
+        self.unfinished = false;
+        self.msg = None;
+        true
     }
 
     /// A frame starts.
@@ -807,6 +858,48 @@ pub(crate) mod tests {
             totals(&fed),
             (6, 2, 21, 4, true, Some(4000), Some("done".into()))
         );
+    }
+
+    proptest::proptest! {
+        /// The short way for whole single-frame messages leaves a direction exactly as the
+        /// general way does and reports the same, counting or feeding, whatever the frames,
+        /// the capture and the splits.
+        #[test]
+        fn short_way_is_the_general_way(
+            frames in proptest::collection::vec(crate::frame::tests::arb_frame(), 1..8),
+            cuts in proptest::collection::vec(
+                proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+            payload in 0usize..3, flags in 0u8..8,
+        ) {
+            let stream: Vec<u8> = frames.concat();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.sort_unstable();
+            let cap = Capture {
+                payload,
+                deflate: flags & 1 != 0,
+                inflate: Inflate::Off,
+                unread: Unread {
+                    frame_payload: flags & 2 != 0,
+                    message_payload: flags & 2 != 0,
+                    messages: flags & 4 != 0,
+                },
+            };
+            let (mut short, mut general) = (Direction::new(), Direction::new());
+            let (mut counted, mut counted_general) = (Direction::new(), Direction::new());
+            let (mut seen, mut seen_general) = (Vec::new(), Vec::new());
+            let mut last = 0;
+            for p in points.into_iter().chain([stream.len()]) {
+                let part = &stream[last..p];
+                short.run::<true, true, _>(part, cap, |o| seen.push(format!("{o:?}")));
+                general.run::<true, false, _>(part, cap, |o| seen_general.push(format!("{o:?}")));
+                counted.count(part);
+                counted_general.run::<false, false, _>(part, Capture::default(), |_| {});
+                last = p;
+            }
+            proptest::prop_assert_eq!(seen, seen_general);
+            proptest::prop_assert_eq!(format!("{short:?}"), format!("{general:?}"));
+            proptest::prop_assert_eq!(format!("{counted:?}"), format!("{counted_general:?}"));
+        }
     }
 
     /// Leaving out what nothing reads changes nothing else: the same counters, the same

@@ -69,10 +69,17 @@ pub struct LogFile {
 pub struct Clock(Option<(time_t, ngx_msec_t, TimeText)>);
 
 impl Clock {
+    #[inline]
     pub fn now_text(&mut self) -> TimeText {
         let tp = ngx::ffi::ngx_timeofday();
         match self.0 {
             Some((sec, msec, text)) if sec == tp.sec && msec == tp.msec => text,
+            // A new millisecond of the same second: only its digits change.
+            Some((sec, _, text)) if sec == tp.sec => {
+                let text = text.at_msec(tp.sec, tp.msec as u32);
+                self.0 = Some((tp.sec, tp.msec, text));
+                text
+            }
             _ => {
                 let text = TimeText::new(tp.sec, tp.msec as u32);
                 self.0 = Some((tp.sec, tp.msec, text));
@@ -150,6 +157,7 @@ impl LogFile {
     }
 
     /// The time for a record now, formatted once per millisecond of nginx's cached clock.
+    #[inline]
     pub fn now_text(&mut self) -> TimeText {
         self.clock.now_text()
     }
@@ -207,6 +215,7 @@ impl LogFile {
     }
 
     /// Serializes and writes (or buffers) one record.
+    #[inline]
     pub fn write<T: Line>(&mut self, record: &T) {
         if self.size == 0 {
             let mut line = core::mem::take(&mut self.line);

@@ -29,9 +29,9 @@ use crate::http::{addr_text, find_header, non_empty};
 use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
 use crate::limit::Limiter;
-use crate::observe::{Capture, Direction, Inflate, Observed};
+use crate::observe::{Capture, Direction, Inflate, Observed, Unread};
 use crate::record::{
-    CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
+    frame_line, CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
     PayloadField, SideRecord,
 };
 use crate::sink::LogSet;
@@ -198,10 +198,19 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
 
     let extensions = find_header(&req.headers_out.headers, b"sec-websocket-extensions");
     let subprotocol = find_header(&req.headers_out.headers, b"sec-websocket-protocol");
+    let logs = LogSet::select(request, lcf.logs());
+    // What the chosen logs and the metrics read of the frames: the rest is not captured.
+    let logged = |kind: u32| !logs.is_empty() && lcf.events() & kind != 0;
+    let metrics = mcf.is_some_and(|m| m.status.enabled());
     let capture = Capture {
         payload: lcf.payload(),
         deflate: extensions.as_deref().is_some_and(|e| !e.trim().is_empty()),
         inflate: Inflate::Off,
+        unread: Unread {
+            frame_payload: !logged(events::FRAME),
+            message_payload: !logged(events::MESSAGE),
+            messages: !logged(events::MESSAGE) && !metrics,
+        },
     };
     let (client_inflate, upstream_inflate) = inflation(lcf, &req.headers_out.headers);
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
@@ -272,7 +281,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             0,
         ),
         rec: Recorder {
-            logs: LogSet::select(request, lcf.logs()),
+            logs,
             events: lcf.events(),
             conn,
             request_id,
@@ -715,7 +724,9 @@ impl Recorder {
             || (!self.logs.is_empty() && self.events & (events::FRAME | events::MESSAGE) != 0)
     }
 
-    /// Writes the record for something a flow did.
+    /// Writes the record for something a flow did. Inlined into the send wrappers' closures,
+    /// so that the frame event need not be built in memory to be read back here.
+    #[inline(always)]
     fn on(&mut self, from: From, e: &Event<'_>) {
         if let Some(s) = self.stats {
             s.entry().on_event(from, e);
@@ -732,10 +743,6 @@ impl Recorder {
         if !wanted {
             return;
         }
-        let Some(time) = self.logs.now_text() else {
-            return;
-        };
-        let time = time.as_str();
         match e {
             Event::Peer(Observed::Frame(f)) => {
                 let h = f.header;
@@ -744,7 +751,13 @@ impl Recorder {
                     bytes,
                     truncated: f.truncated,
                 });
-                let rec = FrameRecord {
+                if let (Some(ident), None, None) = (&self.ident, f.close_code, &f.close_reason) {
+                    // Nearly every frame: its line straight from the header.
+                    self.logs
+                        .write_with(|time, out| frame_line(out, time, ident, from, &h, payload));
+                    return;
+                }
+                self.logs.write_timed(|time| FrameRecord {
                     time,
                     event: "frame",
                     conn: self.conn,
@@ -762,8 +775,7 @@ impl Recorder {
                     code: f.close_code,
                     reason: f.close_reason.as_deref(),
                     ident: self.ident.as_ref(),
-                };
-                self.logs.write(&rec);
+                });
             }
             Event::Peer(Observed::Message(m)) => {
                 let captured = self.payload > 0 && (!m.compressed || m.inflated);
@@ -772,7 +784,7 @@ impl Recorder {
                     bytes: &m.payload,
                     truncated: m.truncated,
                 });
-                let rec = MessageRecord {
+                self.logs.write_timed(|time| MessageRecord {
                     time,
                     event: "message",
                     conn: self.conn,
@@ -791,8 +803,7 @@ impl Recorder {
                     inflated_len: m.inflated_len,
                     inflate_error: m.inflate_error.map(InflateError::as_str),
                     ident: self.ident.as_ref(),
-                };
-                self.logs.write(&rec);
+                });
             }
             Event::Proxy {
                 opcode,
@@ -801,7 +812,7 @@ impl Recorder {
                 code,
                 reason,
             } => {
-                let rec = FrameRecord {
+                self.logs.write_timed(|time| FrameRecord {
                     time,
                     event: "frame",
                     conn: self.conn,
@@ -819,8 +830,7 @@ impl Recorder {
                     code: *code,
                     reason: *reason,
                     ident: self.ident.as_ref(),
-                };
-                self.logs.write(&rec);
+                });
             }
             _ => {}
         }

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             payload: usize::from(head[4]),
             deflate: head[3] & 8 == 8,
             inflate: Inflate::Off,
+            unread: Default::default(),
         },
         policy,
         u32::from(head[5]),

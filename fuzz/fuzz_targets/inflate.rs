@@ -130,6 +130,7 @@ fuzz_target!(|data: &[u8]| {
         payload: prefix,
         deflate: true,
         inflate: Inflate::On { stream, limit },
+        unread: Default::default(),
     };
     let mut got: Vec<Message> = Vec::new();
     let mut take = |o: &Observed<'_>| {

@@ -89,6 +89,7 @@ fuzz_target!(|data: &[u8]| {
         payload: usize::from(data[0] & 0x3f),
         deflate: data[1] & 1 == 1,
         inflate: Default::default(),
+        unread: Default::default(),
     };
     let step = usize::from(data[2]).max(1);
     let stream = &data[3..];

@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use nginx_ws_fuzz::frame::Opcode;
 use nginx_ws_fuzz::record::{
     serde_line, FrameRecord, From, Ident, Line, MessageRecord, OpcodeField, PayloadField,
+    TimeText,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -21,8 +22,9 @@ fuzz_target!(|data: &[u8]| {
         truncated,
     };
     let reason = String::from_utf8_lossy(payload);
+    let time = TimeText::new(1_795_471_200, u32::from(head[1]));
     let rec = FrameRecord {
-        time: "2026-11-23T22:00:00.000Z",
+        time,
         event: "frame",
         conn: u64::from(head[1]),
         request_id: None,
@@ -68,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let m = MessageRecord {
-        time: "t",
+        time,
         event: "message",
         conn: 1,
         request_id: Some(&reason),

@@ -128,6 +128,7 @@ fn memory() {
                 payload: 256,
                 deflate: true,
                 inflate,
+                unread: Default::default(),
             };
             let before = LIVE.load(Relaxed);
             let mut d = Direction::new();
@@ -175,6 +176,7 @@ fn bench(c: &mut Criterion) {
             payload: 256,
             deflate: true,
             inflate,
+            unread: Default::default(),
         };
         move || {
             let mut d = Direction::new();

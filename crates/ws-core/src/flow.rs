@@ -1923,6 +1923,7 @@ mod tests {
                 stream: Stream::default(),
                 limit,
             },
+            unread: Default::default(),
         };
         let policy = Policy {
             protocol_check,

@@ -353,10 +353,23 @@ fn decode_header(b: &[u8]) -> FrameHeader {
 }
 
 /// Unmasks `data`, which starts at `offset` within a payload masked with `mask`, in place.
+///
+/// Eight bytes at a time: the key, turned to start at `offset`, repeats every four bytes, so
+/// one 64-bit word of it fits every aligned step (byte by byte it cost about 8 instructions a
+/// byte, most of a captured payload's cost).
+#[inline]
 pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: u64) {
-    let start = (offset % 4) as usize;
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[(start + i) % 4];
+    // Byte k of the word is mask[(offset + k) % 4].
+    let key = u32::from_le_bytes(mask).rotate_right(8 * (offset % 4) as u32);
+    let wide = u64::from(key) | u64::from(key) << 32;
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_le_bytes(w) ^ wide).to_le_bytes());
+    }
+    for (b, k) in chunks.into_remainder().iter_mut().zip(wide.to_le_bytes()) {
+        *b ^= k;
     }
 }
 
@@ -641,7 +654,7 @@ pub(crate) mod tests {
         assert!(Opcode::Reserved(0xb).is_control());
     }
 
-    fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
         (
             any::<bool>(),
             prop_oneof![
@@ -661,6 +674,27 @@ pub(crate) mod tests {
             any::<bool>(),
         )
             .prop_map(|(fin, op, mask, payload, rsv1)| build_frame(fin, op, mask, &payload, rsv1))
+    }
+
+    /// RFC 6455 5.3 as written: byte i of the payload is XORed with key byte i mod 4.
+    fn unmask_bytewise(data: &mut [u8], mask: [u8; 4], offset: u64) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b ^= mask[((offset + i as u64) % 4) as usize];
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn unmask_matches_bytewise(
+            data in proptest::collection::vec(any::<u8>(), 0..80),
+            mask in any::<[u8; 4]>(),
+            offset in any::<u64>(),
+        ) {
+            let (mut fast, mut slow) = (data.clone(), data);
+            unmask(&mut fast, mask, offset);
+            unmask_bytewise(&mut slow, mask, offset);
+            prop_assert_eq!(fast, slow);
+        }
     }
 
     proptest! {

@@ -19,6 +19,42 @@ pub struct Capture {
     pub deflate: bool,
     /// Whether and how compressed messages are inflated.
     pub inflate: Inflate,
+    /// What nothing reads, left out.
+    pub unread: Unread,
+}
+
+impl Capture {
+    /// The payload prefix kept for each data frame.
+    #[inline(always)]
+    fn frame_prefix(&self) -> usize {
+        if self.unread.frame_payload {
+            0
+        } else {
+            self.payload
+        }
+    }
+
+    /// The payload prefix kept (or inflated) for each message.
+    #[inline(always)]
+    fn message_prefix(&self) -> usize {
+        if self.unread.message_payload {
+            0
+        } else {
+            self.payload
+        }
+    }
+}
+
+/// What no record or metric reads, so that observing skips it (by default nothing is skipped).
+/// The counters, the Close frames and the inflation a limit needs stay the same either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unread {
+    /// Frames' payload prefixes (no `frame` records are written).
+    pub frame_payload: bool,
+    /// Messages' payload prefixes (no `message` records are written).
+    pub message_payload: bool,
+    /// Completed messages are counted but not reported.
+    pub messages: bool,
 }
 
 /// Inflation of this direction's compressed messages.
@@ -210,17 +246,21 @@ impl Direction {
 
     /// Feeds bytes that were written, calling `f` for each completed frame and message.
     pub fn feed<F: FnMut(Observed<'_>)>(&mut self, data: &[u8], cap: Capture, f: F) {
-        self.run::<true, F>(data, cap, f);
+        self.run::<true, true, F>(data, cap, f);
     }
 
     /// Feeds bytes that were written for the totals and the Close frames only: the same
     /// counters as [`Direction::feed`], no frames or messages reported, nothing captured.
+    /// Inlined: its one caller is the send wrapper of every passive tunnel, in another crate.
+    #[inline]
     pub fn count(&mut self, data: &[u8]) {
-        self.run::<false, _>(data, Capture::default(), |_| {});
+        self.run::<false, true, _>(data, Capture::default(), |_| {});
     }
 
+    /// `SHORT`: whole messages of one frame take [`Direction::single_message`] where it
+    /// applies (always but in the tests that compare the two ways).
     #[inline(always)]
-    fn run<const REPORT: bool, F: FnMut(Observed<'_>)>(
+    fn run<const REPORT: bool, const SHORT: bool, F: FnMut(Observed<'_>)>(
         &mut self,
         data: &[u8],
         cap: Capture,
@@ -230,11 +270,28 @@ impl Direction {
         loop {
             // Whole frames in one step; frames split across writes event by event.
             if let Some((h, payload)) = self.parser.whole_frame(&mut data) {
-                self.header(&h, cap);
-                if !payload.is_empty() {
-                    self.payload(&h, 0, payload, cap);
+                if SHORT && self.single_message(&h, payload.len() as u64, cap, REPORT) {
+                    if REPORT {
+                        f(Observed::Frame(Frame {
+                            header: h,
+                            message_kind: Some(h.opcode),
+                            payload: None,
+                            truncated: false,
+                            close_code: None,
+                            close_reason: None,
+                        }));
+                    }
+                } else {
+                    self.header(&h, cap);
+                    if !payload.is_empty() {
+                        self.payload(&h, 0, payload, cap);
+                    }
+                    self.end::<REPORT, F>(h, cap, &mut f);
                 }
-                self.end::<REPORT, F>(h, cap, &mut f);
+                if data.is_empty() {
+                    // Nothing is due after a whole frame: no need to ask the parser.
+                    return;
+                }
                 continue;
             }
             let Some(ev) = self.parser.next_event(&mut data) else {
@@ -255,6 +312,36 @@ impl Direction {
                 }
             }
         }
+    }
+
+    /// The short way for the usual frame: a whole Text or Binary message of one frame, of
+    /// `n` payload bytes, uncompressed, in a direction that keeps nothing (no Close seen,
+    /// nothing captured or inflated) and reports no messages. When all that holds, changes
+    /// the counters as [`Direction::header`], [`Direction::payload`] and [`Direction::end`]
+    /// would (a property test compares the two ways' state and reports) and returns true;
+    /// the caller reports the frame. Otherwise changes nothing and returns false.
+    #[inline(always)]
+    fn single_message(&mut self, h: &FrameHeader, n: u64, cap: Capture, report: bool) -> bool {
+        if !(h.fin
+            && matches!(h.opcode, Opcode::Text | Opcode::Binary)
+            && !(cap.deflate && h.rsv1)
+            && self.kept.is_none()
+            && self.deflate.is_none()
+            && cap.frame_prefix() == 0
+            && cap.message_prefix() == 0
+            && (!report || cap.unread.messages))
+        {
+            return false;
+        }
+        self.starts += 1;
+        self.counted = self.counted(h) + n;
+        self.bytes += n;
+        self.frames += 1;
+        self.data_frames += 1;
+        self.messages += 1;
+        self.unfinished = false;
+        self.msg = None;
+        true
     }
 
     /// A frame starts.
@@ -319,7 +406,7 @@ impl Direction {
                 if !d.ahead && !d.exceeded {
                     let k = self.kept.get_or_insert_with(Box::default);
                     let need = Need {
-                        prefix: cap.payload,
+                        prefix: cap.message_prefix(),
                         limit,
                     };
                     if d.inf
@@ -333,20 +420,25 @@ impl Direction {
             }
             return;
         }
-        if cap.payload == 0 {
+        let (frame, message) = (cap.frame_prefix(), cap.message_prefix());
+        if frame == 0 && message == 0 {
             return;
         }
         let k = self.kept.get_or_insert_with(Box::default);
-        let room = cap.payload.saturating_sub(k.frame.len());
-        if data.len() > room {
-            k.frame_truncated = true;
+        if frame > 0 {
+            let room = frame.saturating_sub(k.frame.len());
+            if data.len() > room {
+                k.frame_truncated = true;
+            }
+            keep(&mut k.frame, data, room, h.mask, offset);
         }
-        keep(&mut k.frame, data, room, h.mask, offset);
-        let room = cap.payload.saturating_sub(k.message.len());
-        if data.len() > room {
-            m.truncated = true;
+        if message > 0 {
+            let room = message.saturating_sub(k.message.len());
+            if data.len() > room {
+                m.truncated = true;
+            }
+            keep(&mut k.message, data, room, h.mask, offset);
         }
-        keep(&mut k.message, data, room, h.mask, offset);
     }
 
     /// The frame `h` ended: it is reported, then the message it completed (with `REPORT`).
@@ -380,7 +472,7 @@ impl Direction {
             if let Some(m) = self.msg.as_mut() {
                 m.frames += 1;
                 message_kind = Some(m.kind);
-                captured = cap.payload > 0 && !m.compressed;
+                captured = cap.frame_prefix() > 0 && !m.compressed;
                 finished = h.fin;
             }
         }
@@ -405,7 +497,7 @@ impl Direction {
         }
         self.messages += 1;
         let Some(p) = self.msg.take() else { return };
-        if !REPORT {
+        if !REPORT || cap.unread.messages {
             return;
         }
         // Lend the kept prefix to the message, then take the buffer back.
@@ -429,16 +521,16 @@ impl Direction {
             match (cap.inflate, inflated) {
                 (Inflate::Unsupported, _) => m.inflate_error = Some(InflateError::Unsupported),
                 (_, Some(Ok(i))) => {
-                    m.inflated = i.error.is_none() && cap.payload > 0;
+                    m.inflated = i.error.is_none() && cap.message_prefix() > 0;
                     m.inflated_len = i.len;
                     m.inflate_error = i.error;
-                    m.truncated = i.len.map_or(m.payload.len() >= cap.payload, |l| {
+                    m.truncated = i.len.map_or(m.payload.len() >= cap.message_prefix(), |l| {
                         l > m.payload.len() as u64
                     });
                 }
                 // Past the limit: the tunnel closes; the prefix is what was inflated.
                 (_, Some(Err(Exceeded))) => {
-                    m.inflated = cap.payload > 0;
+                    m.inflated = cap.message_prefix() > 0;
                     m.truncated = true;
                 }
                 _ => {}
@@ -486,7 +578,7 @@ impl Direction {
         }
         let k = self.kept.get_or_insert_with(Box::default);
         let need = Need {
-            prefix: cap.payload,
+            prefix: cap.message_prefix(),
             limit,
         };
         let r = d.inf.finish(need, &mut k.message);
@@ -537,7 +629,7 @@ impl Direction {
             .and_then(|l| l.checked_add(hlen))
             .filter(|&e| e <= frame.len())?;
         let need = Need {
-            prefix: cap.payload,
+            prefix: cap.message_prefix(),
             limit,
         };
         let k = self.kept.get_or_insert_with(Box::default);
@@ -671,6 +763,7 @@ pub(crate) mod tests {
             payload: 5,
             deflate: false,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, d) = run(&[&s], cap);
         assert_eq!(d.frames, 6);
@@ -728,6 +821,7 @@ pub(crate) mod tests {
             payload: 3,
             deflate: false,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (whole, _) = run(&[&s], cap);
         for cut in 0..=s.len() {
@@ -766,6 +860,109 @@ pub(crate) mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// The short way for whole single-frame messages leaves a direction exactly as the
+        /// general way does and reports the same, counting or feeding, whatever the frames,
+        /// the capture and the splits.
+        #[test]
+        fn short_way_is_the_general_way(
+            frames in proptest::collection::vec(crate::frame::tests::arb_frame(), 1..8),
+            cuts in proptest::collection::vec(
+                proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+            payload in 0usize..3, flags in 0u8..8,
+        ) {
+            let stream: Vec<u8> = frames.concat();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.sort_unstable();
+            let cap = Capture {
+                payload,
+                deflate: flags & 1 != 0,
+                inflate: Inflate::Off,
+                unread: Unread {
+                    frame_payload: flags & 2 != 0,
+                    message_payload: flags & 2 != 0,
+                    messages: flags & 4 != 0,
+                },
+            };
+            let (mut short, mut general) = (Direction::new(), Direction::new());
+            let (mut counted, mut counted_general) = (Direction::new(), Direction::new());
+            let (mut seen, mut seen_general) = (Vec::new(), Vec::new());
+            let mut last = 0;
+            for p in points.into_iter().chain([stream.len()]) {
+                let part = &stream[last..p];
+                short.run::<true, true, _>(part, cap, |o| seen.push(format!("{o:?}")));
+                general.run::<true, false, _>(part, cap, |o| seen_general.push(format!("{o:?}")));
+                counted.count(part);
+                counted_general.run::<false, false, _>(part, Capture::default(), |_| {});
+                last = p;
+            }
+            proptest::prop_assert_eq!(seen, seen_general);
+            proptest::prop_assert_eq!(format!("{short:?}"), format!("{general:?}"));
+            proptest::prop_assert_eq!(format!("{counted:?}"), format!("{counted_general:?}"));
+        }
+    }
+
+    /// Leaving out what nothing reads changes nothing else: the same counters, the same
+    /// frames (without the unread payloads), the same messages or none, at every split.
+    #[test]
+    fn unread_parts_are_left_out_and_nothing_else() {
+        let s = fragmented();
+        let full = Capture {
+            payload: 3,
+            deflate: false,
+            inflate: Inflate::Off,
+            unread: Unread::default(),
+        };
+        let (whole, d) = run(&[&s], full);
+        let totals = |d: &Direction| {
+            let (f, m, b, c) = (d.frames, d.messages, d.bytes, d.close_code);
+            (f, m, b, c, d.close_reason().map(str::to_owned))
+        };
+        for bits in 0..8u8 {
+            let unread = Unread {
+                frame_payload: bits & 1 != 0,
+                message_payload: bits & 2 != 0,
+                messages: bits & 4 != 0,
+            };
+            let cap = Capture { unread, ..full };
+            let want: Vec<Rec> = whole
+                .iter()
+                .filter(|r| !(unread.messages && matches!(r, Rec::Message(_))))
+                .cloned()
+                .map(|r| match r {
+                    Rec::Frame {
+                        op,
+                        len,
+                        kind,
+                        code,
+                        reason,
+                        ..
+                    } if unread.frame_payload => Rec::Frame {
+                        op,
+                        len,
+                        kind,
+                        payload: None,
+                        truncated: false,
+                        code,
+                        reason,
+                    },
+                    Rec::Message(mut m) if unread.message_payload => {
+                        m.payload.clear();
+                        m.truncated = false;
+                        Rec::Message(m)
+                    }
+                    r => r,
+                })
+                .collect();
+            for cut in 0..=s.len() {
+                let (a, b) = s.split_at(cut);
+                let (got, dd) = run(&[a, b], cap);
+                assert_eq!(got, want, "{unread:?} cut at {cut}");
+                assert_eq!(totals(&dd), totals(&d));
+            }
+        }
+    }
+
     #[test]
     fn compressed_messages_are_flagged_not_captured() {
         let s = build_frame(true, Opcode::Text, None, b"\x01\x02", true);
@@ -773,6 +970,7 @@ pub(crate) mod tests {
             payload: 16,
             deflate: true,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, _) = run(&[&s], cap);
         match &recs[1] {
@@ -833,6 +1031,7 @@ pub(crate) mod tests {
             payload,
             deflate: true,
             inflate: Inflate::On { stream, limit },
+            unread: Unread::default(),
         }
     }
 
@@ -901,6 +1100,7 @@ pub(crate) mod tests {
             payload: 16,
             deflate: true,
             inflate: Inflate::Off,
+            unread: Unread::default(),
         };
         let (recs, d) = run(&[&s], cap);
         assert!(

@@ -7,6 +7,7 @@ mod build;
 mod demo;
 mod nginx_t;
 mod proc;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,7 @@ Commands:
   autobahn   the Autobahn|Testsuite conformance runs and their comparison (scripts/autobahn)
   demo       nginx with the module in front of two echo backends, traffic, the frame log live
              (scripts/demo)
+  soak       many tunnels for a long time with reloads and injected faults (scripts/soak)
 
 cargo xtask <command> --help describes each.
 ";
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         "autobahn" => autobahn::main(rest),
         "nginx-t" => nginx_t::main(rest),
         "demo" => demo::main(rest),
+        "soak" => soak::main(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

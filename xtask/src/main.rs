@@ -6,6 +6,7 @@ mod autobahn;
 mod build;
 mod demo;
 mod nginx_t;
+mod nginx_tests;
 mod proc;
 mod soak;
 
@@ -61,6 +62,8 @@ Usage: cargo xtask <command> [options]
 Commands:
   build      build the module, nginx and the examples; print where they are
   nginx-t    the nginx-tests-format suite tests/nginx/*.t under our own harness
+  nginx-tests  ours and nginx's own upgrade tests under nginx-tests' harness, without and with
+             the module (scripts/nginx-tests)
   autobahn   the Autobahn|Testsuite conformance runs and their comparison (scripts/autobahn)
   demo       nginx with the module in front of two echo backends, traffic, the frame log live
              (scripts/demo)
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         "nginx-t" => nginx_t::main(rest),
         "demo" => demo::main(rest),
         "soak" => soak::main(rest),
+        "nginx-tests" => nginx_tests::main(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

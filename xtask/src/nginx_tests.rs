@@ -354,11 +354,22 @@ fn plan_line(line: &str) -> Option<(u32, &str)> {
     Some((rest[..digits].parse().ok()?, &rest[digits..]))
 }
 
-/// The line of a file that skips all its tests (`1..0 # SKIP reason`).
+/// Why a file skips all its tests: what `prove -v` says of it (`FILE .. skipped: reason`; it
+/// does not show the test's own `1..0 # SKIP reason` line), or that line itself.
 fn skip_reason(tap: &str) -> Option<&str> {
-    tap.lines().find(|l| {
-        plan_line(l).is_some_and(|(n, rest)| n == 0 && rest.to_ascii_lowercase().contains("skip"))
+    tap.lines().find_map(|l| {
+        prove_skipped(l).or_else(|| {
+            let zero = plan_line(l)
+                .is_some_and(|(n, rest)| n == 0 && rest.to_ascii_lowercase().contains("skip"));
+            zero.then_some(l)
+        })
     })
+}
+
+/// The reason in prove's `FILE .. skipped: reason` line.
+fn prove_skipped(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(" .. skipped")?;
+    Some(rest.strip_prefix(':').unwrap_or(rest).trim())
 }
 
 impl Tap {
@@ -377,6 +388,9 @@ impl Tap {
                 if word_end && directive(rest, "skip", true) {
                     t.skip_all = true;
                 }
+            }
+            if prove_skipped(line).is_some() {
+                t.skip_all = true;
             }
             if let Some((ok, n, rest)) = test_line(line) {
                 t.run += 1;
@@ -584,6 +598,13 @@ mod tests {
             Some("1..0 # SKIP the module is not loaded")
         );
         assert!(!Tap::parse("x.t", "1..00 # skip\n", true).skip_all);
+        // what prove -v really prints for such a file
+        let tap = "/r/tests/nginx/ws_log.t .. skipped: ws module not loaded\n\
+                   Files=1, Tests=0,  0 wallclock secs\nResult: NOTESTS\n";
+        let t = Tap::parse("ws_log.t", tap, true);
+        assert_eq!(t.line(), "ws_log.t skip 0 0 0 0 0\n");
+        assert!(t.failures.is_empty());
+        assert_eq!(skip_reason(tap), Some("ws module not loaded"));
     }
 
     #[test]

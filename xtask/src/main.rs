@@ -62,7 +62,8 @@ Usage: cargo xtask <command> [options]
 Commands:
   build      build the module, nginx and the examples; print where they are
   nginx-t    the nginx-tests-format suite tests/nginx/*.t under our own harness
-  nginx-tests  ours and nginx's own upgrade tests under nginx-tests' harness, without and with
+  nginx-tests
+             ours and nginx's own upgrade tests under nginx-tests' harness, without and with
              the module (scripts/nginx-tests)
   autobahn   the Autobahn|Testsuite conformance runs and their comparison (scripts/autobahn)
   demo       nginx with the module in front of two echo backends, traffic, the frame log live

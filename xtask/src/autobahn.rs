@@ -1,12 +1,18 @@
-//! `cargo xtask autobahn`: the Autobahn|Testsuite fuzzing client against the bundled echo
-//! backend (examples/ws-echo.rs) directly, then through nginx with the module loaded and
-//! logging every frame, and the comparison of the verdicts, case by case, between the runs and
-//! against the expected verdicts committed in tests/autobahn/expected-results.json.
+//! `cargo xtask autobahn`: the Autobahn|Testsuite fuzzing client against a backend directly,
+//! then through nginx with the module loaded and logging every frame, and the comparison of
+//! the verdicts, case by case, between the runs and against the expected verdicts committed in
+//! tests/autobahn/.
 //!
-//! 1. direct: client -> ws-echo
-//! 2. nginx-check-off: client -> nginx (ws_log open frame message close, ws_log_payload 64,
-//!    ws_protocol_check off) -> ws-echo
+//! 1. direct: client -> backend
+//! 2. nginx-check-off: client -> nginx (ws_log open frame message close, ws_protocol_check off)
+//!    -> backend
 //! 3. nginx-check-on: the same with ws_protocol_check on
+//!
+//! The backend is the bundled echo server (examples/ws-echo.rs, no compression: the
+//! compression cases 12.* and 13.* are UNIMPLEMENTED), or with `--backend testee` Autobahn's
+//! own testee server, which accepts every permessage-deflate offer, with the module inflating
+//! every compressed message (`ws_log_payload 256` on message records and a large
+//! `ws_max_inflated_size`).
 //!
 //! Setting up the client (Python 2.7 and pinned packages, or kosoku) is installation work and
 //! stays in scripts/lib/autobahn-runner.sh.
@@ -26,7 +32,6 @@ use crate::proc::{free_port, Guard};
 use crate::{repo_root, Error};
 
 const RUNS: [&str; 3] = ["direct", "nginx-check-off", "nginx-check-on"];
-const EXPECTED: &str = "tests/autobahn/expected-results.json";
 const VERDICTS: [&str; 4] = ["OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED"];
 
 /// One case of a report's index.json (the fields this comparison reads).
@@ -84,9 +89,72 @@ fn sorted<'a>(ids: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
     v
 }
 
+/// What the fuzzing client talks to, directly and behind nginx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// examples/ws-echo.rs (tokio-tungstenite): no compression.
+    Echo,
+    /// Autobahn's own testee server (wstest's testeeserver, Python 2.7): permessage-deflate.
+    Testee,
+}
+
+impl Backend {
+    fn parse(name: &str) -> Option<Self> {
+        match name.trim() {
+            "echo" => Some(Backend::Echo),
+            "testee" => Some(Backend::Testee),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Echo => "echo",
+            Backend::Testee => "testee",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Backend::Echo => "examples/ws-echo.rs",
+            Backend::Testee => {
+                "Autobahn's testee server (wstest -m testeeserver, permessage-deflate), the \
+                 module inflating every compressed message"
+            }
+        }
+    }
+
+    /// The committed verdicts; each backend has its own file.
+    fn expected(self) -> &'static str {
+        match self {
+            Backend::Echo => "tests/autobahn/expected-results.json",
+            Backend::Testee => "tests/autobahn/expected-results-testee.json",
+        }
+    }
+
+    /// Where a run's reports go, under target/autobahn/.
+    fn run_dir(self) -> &'static str {
+        match self {
+            Backend::Echo => "run",
+            Backend::Testee => "run-testee",
+        }
+    }
+
+    /// The module's directives that differ: with the testee, everything that makes the module
+    /// inflate (payload capture on message records, and the inflated size limit, high enough
+    /// for the 16 MiB messages of cases 9.*).
+    fn directives(self) -> &'static str {
+        match self {
+            Backend::Echo => "ws_log_payload 64;",
+            Backend::Testee => "ws_log_payload 256;\n            ws_max_inflated_size 64m;",
+        }
+    }
+}
+
 struct Options {
     cases: String,
     runner: String,
+    backend: Backend,
     update_expected: bool,
     report_only: Option<PathBuf>,
 }
@@ -95,6 +163,7 @@ pub fn main(args: &[String]) -> Result<(), Error> {
     let mut o = Options {
         cases: "*".into(),
         runner: "wstest".into(),
+        backend: Backend::Echo,
         update_expected: false,
         report_only: None,
     };
@@ -108,6 +177,10 @@ pub fn main(args: &[String]) -> Result<(), Error> {
         match arg.as_str() {
             "--cases" => o.cases = value("--cases")?,
             "--runner" => o.runner = value("--runner")?,
+            "--backend" => {
+                o.backend = Backend::parse(&value("--backend")?)
+                    .ok_or_else(|| Error::usage("--backend must be echo or testee"))?
+            }
             "--update-expected" => o.update_expected = true,
             "--report" => o.report_only = Some(value("--report")?.into()),
             "-h" | "--help" => {
@@ -119,6 +192,12 @@ pub fn main(args: &[String]) -> Result<(), Error> {
     }
     if o.runner != "wstest" && o.runner != "kosoku" {
         return Err(Error::msg("--runner must be wstest or kosoku"));
+    }
+    if o.backend == Backend::Testee && o.runner != "wstest" {
+        return Err(Error::msg(
+            "--backend testee runs Autobahn's own server, which comes with wstest: no --runner \
+             kosoku",
+        ));
     }
     if o.cases.is_empty()
         || !o
@@ -132,17 +211,24 @@ pub fn main(args: &[String]) -> Result<(), Error> {
     }
 
     let work = repo_root().join("target/autobahn");
-    let run = work.join("run");
+    let run = work.join(o.backend.run_dir());
     let mut secs = BTreeMap::new();
-    let runner_desc = match &o.report_only {
+    let (runner_desc, backend) = match &o.report_only {
         Some(dir) => {
             // The comparison of an earlier run's reports, without running anything.
-            fs::read_to_string(dir.join("runner.txt")).unwrap_or_else(|_| "?".into())
+            let read = |f: &str| fs::read_to_string(dir.join(f)).ok();
+            let secs_text = read("seconds.json").unwrap_or_default();
+            secs = serde_json::from_str(&secs_text).unwrap_or_default();
+            let backend = read("backend.txt").map_or(Some(Backend::Echo), |b| Backend::parse(&b));
+            (
+                read("runner.txt").unwrap_or_else(|| "?".into()),
+                backend.ok_or_else(|| Error::msg("backend.txt names no backend"))?,
+            )
         }
-        None => runs(&o, &work, &run, &mut secs)?,
+        None => (runs(&o, &work, &run, &mut secs)?, o.backend),
     };
     let dir = o.report_only.clone().unwrap_or(run);
-    let (summary, failed) = report(&dir, runner_desc.trim(), &secs, o.update_expected)?;
+    let (summary, failed) = report(&dir, runner_desc.trim(), backend, &secs, o.update_expected)?;
     print!("{summary}");
     fs::write(dir.join("summary.txt"), &summary)
         .map_err(|e| Error::msg(format!("summary.txt: {e}")))?;
@@ -181,7 +267,6 @@ fn runs(
         release: false,
         nice: true,
     })?;
-    let echo_bin = built.example("ws-echo")?;
 
     fs::create_dir_all(work).map_err(io(work))?;
     let out = Command::new("bash")
@@ -201,6 +286,11 @@ fn runs(
     if !out.status.success() {
         return Err(Error::msg("the Autobahn client could not be set up"));
     }
+    if o.backend == Backend::Testee && runner != "wstest" {
+        return Err(Error::msg(
+            "wstest could not be set up, and the testee backend comes with it",
+        ));
+    }
     let client = Client {
         runner: runner.clone(),
         exe: exe.into(),
@@ -214,12 +304,30 @@ fn runs(
     }
     fs::create_dir_all(run.join("reports")).map_err(io(run))?;
     fs::write(run.join("runner.txt"), desc).map_err(io(run))?;
+    fs::write(run.join("backend.txt"), o.backend.name()).map_err(io(run))?;
 
     let echo_port = free_port()?;
+    let mut backend_cmd = match o.backend {
+        Backend::Echo => {
+            let mut c = Command::new(built.example("ws-echo")?);
+            c.args(["--listen", &format!("127.0.0.1:{echo_port}")]);
+            c
+        }
+        Backend::Testee => {
+            // The wstest virtualenv's Python 2.7 (its bin/ holds wstest).
+            let python = client.exe.with_file_name("python");
+            let mut c = Command::new("nice");
+            c.arg(python)
+                .arg(repo_root().join("xtask/autobahn-testee.py"))
+                .arg(echo_port.to_string())
+                .env("LD_LIBRARY_PATH", &client.lib);
+            c
+        }
+    };
     let mut echo = Guard::spawn(
-        "ws-echo",
-        Command::new(echo_bin).args(["--listen", &format!("127.0.0.1:{echo_port}")]),
-        &run.join("echo.log"),
+        o.backend.name(),
+        &mut backend_cmd,
+        &run.join("backend.log"),
         libc::SIGTERM,
     )?;
     echo.wait_port(echo_port)?;
@@ -231,7 +339,8 @@ fn runs(
         fs::create_dir_all(&logs).map_err(io(&logs))?;
         let port = free_port()?;
         let conf = prefix.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&built.module, port, echo_port, check)).map_err(io(&conf))?;
+        let text = nginx_conf(&built.module, port, echo_port, check, o.backend);
+        fs::write(&conf, text).map_err(io(&conf))?;
         let mut prefix_arg = prefix.to_string_lossy().into_owned();
         prefix_arg.push('/');
         let t = Command::new(&built.nginx)
@@ -260,6 +369,8 @@ fn runs(
         nginx.stop();
     }
     echo.stop();
+    let secs_json = serde_json::to_string(&secs).unwrap_or_default();
+    fs::write(run.join("seconds.json"), secs_json).map_err(io(run))?;
     Ok(client.desc)
 }
 
@@ -333,7 +444,7 @@ impl Client {
     }
 }
 
-fn nginx_conf(module: &Path, port: u16, echo_port: u16, check: &str) -> String {
+fn nginx_conf(module: &Path, port: u16, echo_port: u16, check: &str, backend: Backend) -> String {
     format!(
         r#"load_module {module};
 worker_processes 1;
@@ -346,7 +457,10 @@ events {{
 }}
 
 http {{
-    log_format ws '$remote_addr "$request" $status frames=$ws_client_frames/$ws_upstream_frames '
+    # rid= and key= tie a tunnel's records to its case (the case report holds the request and
+    # its Sec-WebSocket-Key).
+    log_format ws '$remote_addr "$request" $status rid=$request_id key=$http_sec_websocket_key '
+                  'frames=$ws_client_frames/$ws_upstream_frames '
                   'messages=$ws_client_messages/$ws_upstream_messages '
                   'bytes=$ws_client_bytes/$ws_upstream_bytes close=$ws_close_code '
                   'by=$ws_closed_by end=$ws_end duration=$ws_duration';
@@ -365,13 +479,14 @@ http {{
 
             ws_log logs/ws.log buffer=64k flush=1s;
             ws_log_events open frame message close;
-            ws_log_payload 64;
+            {directives}
             ws_protocol_check {check};
         }}
     }}
 }}
 "#,
-        module = module.display()
+        module = module.display(),
+        directives = backend.directives(),
     )
 }
 
@@ -421,6 +536,7 @@ fn verdicts(r: &Report) -> BTreeMap<String, Verdict> {
 fn report(
     run: &Path,
     runner: &str,
+    backend: Backend,
     secs: &BTreeMap<String, f64>,
     update_expected: bool,
 ) -> Result<(String, bool), Error> {
@@ -432,6 +548,7 @@ fn report(
     let mut failures: Vec<String> = Vec::new();
 
     let _ = writeln!(s, "\nAutobahn fuzzing client: {runner}");
+    let _ = writeln!(s, "backend: {}", backend.describe());
     let _ = writeln!(
         s,
         "{:<16} {:>6} {:>5} {:>11} {:>14} {:>14} {:>9}",
@@ -517,7 +634,7 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "direct vs nginx-check-on: {} of {} cases differ (judged against the expected results)",
+        "direct vs nginx-check-on: {} of {} cases differ (judged below)",
         on.len(),
         direct.len()
     );
@@ -525,8 +642,10 @@ fn report(
         let _ = writeln!(s, "  {id:<8} {what}");
     }
 
-    // 2. Every run against the committed verdicts.
-    let expected_path = repo_root().join(EXPECTED);
+    // 2. Every run against the committed verdicts. The testee backend may have none yet: then
+    // nginx-check-on is judged against direct, with the same tolerance.
+    let expected_name = backend.expected();
+    let expected_path = repo_root().join(expected_name);
     if update_expected {
         let all = RUNS.iter().all(|n| reports[n].cases.len() >= 517);
         if !all {
@@ -534,51 +653,57 @@ fn report(
                 "--update-expected needs a run of all cases (no --cases)",
             ));
         }
-        write_expected(&expected_path, runner, &reports)?;
-        let _ = writeln!(s, "\nexpected results written to {EXPECTED}");
+        write_expected(&expected_path, runner, backend, &reports)?;
+        let _ = writeln!(s, "\nexpected results written to {expected_name}");
+    } else if backend == Backend::Testee && !expected_path.exists() {
+        let (diff, tolerated) = unexpected(&direct, &verdicts(&reports["nginx-check-on"]), true);
+        let _ = writeln!(
+            s,
+            "\nno {expected_name}: nginx-check-on judged against direct: {} of {} cases \
+             differ{}",
+            diff.len(),
+            direct.len(),
+            tolerated_note(tolerated)
+        );
+        for (id, what) in &diff {
+            let _ = writeln!(s, "    {id:<8} {what}");
+        }
+        if !diff.is_empty() {
+            failures.push(format!(
+                "{} verdicts differ through nginx with ws_protocol_check on",
+                diff.len()
+            ));
+        }
     } else {
         let text = fs::read_to_string(&expected_path).map_err(io(&expected_path))?;
         let expected: Expected =
-            serde_json::from_str(&text).map_err(|e| Error::msg(format!("{EXPECTED}: {e}")))?;
-        let _ = writeln!(s, "\nagainst {EXPECTED} (the cases of this run):");
+            serde_json::from_str(&text).map_err(|e| Error::msg(format!("{expected_name}: {e}")))?;
+        let _ = writeln!(s, "\nagainst {expected_name} (the cases of this run):");
         for name in RUNS {
             let empty = BTreeMap::new();
             let want = expected.runs.get(name).unwrap_or(&empty);
             let got = verdicts(&reports[name]);
-            let mut tolerated = 0;
-            let diff: Vec<(String, String)> = sorted(got.keys())
-                .into_iter()
-                .filter_map(|id| match want.get(id) {
-                    None => Some((id.clone(), format!("not expected, got {}", got[id]))),
-                    Some(w) if *w != got[id] => {
-                        if name == "nginx-check-on" && timing_dependent(w, &got[id]) {
-                            tolerated += 1;
-                            return None;
-                        }
-                        Some((id.clone(), format!("expected {w}, got {}", got[id])))
-                    }
-                    Some(_) => None,
-                })
-                .collect();
+            let (diff, tolerated) = unexpected(want, &got, name == "nginx-check-on");
             let _ = writeln!(
                 s,
                 "  {name}: {} of {} cases differ{}",
                 diff.len(),
                 got.len(),
-                if tolerated > 0 {
-                    format!(" ({tolerated} more between OK and NON-STRICT, not judged)")
-                } else {
-                    String::new()
-                }
+                tolerated_note(tolerated)
             );
             for (id, what) in &diff {
                 let _ = writeln!(s, "    {id:<8} {what}");
             }
             if !diff.is_empty() {
                 failures.push(format!(
-                    "{name}: {} verdicts differ from {EXPECTED} (if the change is right: \
-                     cargo xtask autobahn --update-expected)",
-                    diff.len()
+                    "{name}: {} verdicts differ from {expected_name} (if the change is right: \
+                     cargo xtask autobahn{} --update-expected)",
+                    diff.len(),
+                    if backend == Backend::Echo {
+                        ""
+                    } else {
+                        " --backend testee"
+                    }
                 ));
             }
         }
@@ -592,11 +717,7 @@ fn report(
     for id in sorted(on_report.cases.keys()) {
         let e = &on_report.cases[id];
         let path = on_report.dir.join(&e.reportfile);
-        // Wire logs in case reports may hold bytes that are not UTF-8.
-        let case: Value = fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_str(&no_surrogates(&String::from_utf8_lossy(&b))).ok())
-            .ok_or_else(|| Error::msg(format!("{}: not a case report", path.display())))?;
+        let case = case_report(&path)?;
         let expects_1002 = case["expectedClose"]["closeCode"]
             .as_array()
             .is_some_and(|c| c.iter().any(|c| c == 1002));
@@ -643,7 +764,9 @@ fn report(
     // 4. The logs of the runs through nginx.
     let _ = writeln!(s);
     for name in ["nginx-check-off", "nginx-check-on"] {
-        logs(&run.join(name).join("logs"), name, &mut s, &mut failures);
+        let dir = run.join(name).join("logs");
+        logs(&dir, name, &mut s, &mut failures);
+        inflation(&dir, name, &reports[name], &direct, &mut s, &mut failures)?;
     }
 
     let _ = writeln!(s);
@@ -668,6 +791,175 @@ fn report(
 fn timing_dependent(a: &Verdict, b: &Verdict) -> bool {
     let loose = |v: &Verdict| v.behavior == "OK" || v.behavior == "NON-STRICT";
     loose(a) && loose(b) && a.behavior_close == b.behavior_close
+}
+
+/// The cases of `got` whose verdict is not the one in `want`, and how many of them were let
+/// pass as timing-dependent (only when `tolerate_timing`).
+fn unexpected(
+    want: &BTreeMap<String, Verdict>,
+    got: &BTreeMap<String, Verdict>,
+    tolerate_timing: bool,
+) -> (Vec<(String, String)>, usize) {
+    let mut tolerated = 0;
+    let diff = sorted(got.keys())
+        .into_iter()
+        .filter_map(|id| match want.get(id) {
+            None => Some((id.clone(), format!("not expected, got {}", got[id]))),
+            Some(w) if *w != got[id] => {
+                if tolerate_timing && timing_dependent(w, &got[id]) {
+                    tolerated += 1;
+                    return None;
+                }
+                Some((id.clone(), format!("expected {w}, got {}", got[id])))
+            }
+            Some(_) => None,
+        })
+        .collect();
+    (diff, tolerated)
+}
+
+fn tolerated_note(tolerated: usize) -> String {
+    if tolerated > 0 {
+        format!(" ({tolerated} more between OK and NON-STRICT, not judged)")
+    } else {
+        String::new()
+    }
+}
+
+/// The value of the `Sec-WebSocket-Key` header in a raw HTTP request.
+fn websocket_key(request: &str) -> Option<&str> {
+    request.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim())
+    })
+}
+
+/// Each case's `Sec-WebSocket-Key` (a fresh one for every connection), from the case reports
+/// of a run.
+fn case_keys(r: &Report) -> Result<BTreeMap<String, String>, Error> {
+    let mut keys = BTreeMap::new();
+    for (id, e) in &r.cases {
+        let path = r.dir.join(&e.reportfile);
+        let case = case_report(&path)?;
+        if let Some(key) = case["httpRequest"].as_str().and_then(websocket_key) {
+            keys.insert(key.to_owned(), id.clone());
+        }
+    }
+    Ok(keys)
+}
+
+/// A case report; wire logs in it may hold bytes that are not UTF-8.
+fn case_report(path: &Path) -> Result<Value, Error> {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_str(&no_surrogates(&String::from_utf8_lossy(&b))).ok())
+        .ok_or_else(|| Error::msg(format!("{}: not a case report", path.display())))
+}
+
+/// What the frame log says about compressed messages.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Inflation {
+    /// message records with `"compressed":true`
+    compressed: usize,
+    /// of those, the ones with an `inflated_len`
+    inflated: usize,
+    /// `inflate_error` values by tunnel (`request_id`)
+    errors: BTreeMap<String, Vec<String>>,
+}
+
+fn inflation_of(ws_log: &str) -> Inflation {
+    let mut i = Inflation::default();
+    // Millions of records: only those that can be compressed messages are parsed.
+    for line in ws_log.lines().filter(|l| l.contains("\"compressed\":true")) {
+        let Ok(rec) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if rec["event"] != "message" || rec["compressed"] != true {
+            continue;
+        }
+        i.compressed += 1;
+        if rec["inflated_len"].is_u64() {
+            i.inflated += 1;
+        }
+        if let Some(err) = rec["inflate_error"].as_str() {
+            let rid = rec["request_id"].as_str().unwrap_or("?").to_owned();
+            i.errors.entry(rid).or_default().push(err.to_owned());
+        }
+    }
+    i
+}
+
+/// `$request_id` -> `Sec-WebSocket-Key` from the access log (`rid=` and `key=` fields).
+fn access_keys(access_log: &str) -> BTreeMap<String, String> {
+    access_log
+        .lines()
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .filter(|v| !v.is_empty() && *v != "-")
+            };
+            Some((field("rid=")?.to_owned(), field("key=")?.to_owned()))
+        })
+        .collect()
+}
+
+/// Compressed messages in a run through nginx: how many the module inflated, and every
+/// `inflate_error`, by case. An `inflate_error` in a case that is OK directly is a failure (the
+/// backend's compression was valid, so the module misread it).
+fn inflation(
+    dir: &Path,
+    name: &str,
+    run: &Report,
+    direct: &BTreeMap<String, Verdict>,
+    s: &mut String,
+    failures: &mut Vec<String>,
+) -> Result<(), Error> {
+    let read = |f: &str| {
+        fs::read(dir.join(f))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let i = inflation_of(&read("ws.log"));
+    let n_errors: usize = i.errors.values().map(Vec::len).sum();
+    let _ = writeln!(
+        s,
+        "{name}: {} compressed messages, {} of them inflated, {n_errors} inflate_error",
+        i.compressed, i.inflated
+    );
+    if i.errors.is_empty() {
+        return Ok(());
+    }
+    // A tunnel's request_id -> its key (access log) -> its case (the case reports).
+    let keys = case_keys(run)?;
+    let rids = access_keys(&read("access.log"));
+    let mut bad = 0;
+    for (rid, errs) in &i.errors {
+        let case = rids.get(rid).and_then(|k| keys.get(k));
+        let ok_directly = case
+            .and_then(|c| direct.get(c))
+            .is_some_and(|v| v.behavior == "OK");
+        // A tunnel that cannot be tied to its case cannot be judged: it counts too.
+        if ok_directly || case.is_none() {
+            bad += 1;
+        }
+        let _ = writeln!(
+            s,
+            "  case {:<8} {} x {}{}",
+            case.map_or("?", |c| c.as_str()),
+            errs.len(),
+            errs[0],
+            if ok_directly { " (OK directly)" } else { "" }
+        );
+    }
+    if bad > 0 {
+        failures.push(format!(
+            "{name}: inflate_error in {bad} tunnels of cases that are OK directly (or unknown)"
+        ));
+    }
+    Ok(())
 }
 
 /// Autobahn writes the invalid UTF-8 of some cases as lone surrogate escapes (`\\ud800`),
@@ -772,6 +1064,11 @@ fn logs(dir: &Path, name: &str, s: &mut String, failures: &mut Vec<String>) {
     if !signals.is_empty() {
         failures.push(format!("{name}: a worker exited on a signal"));
     }
+    for (n, level) in &levels {
+        if ["emerg", "alert", "crit"].contains(level) {
+            failures.push(format!("{name}: {n} [{level}] lines in the error log"));
+        }
+    }
     for ev in ["open", "frame", "close"] {
         if !events.contains_key(ev) {
             failures.push(format!("{name}: no {ev} records in the frame log"));
@@ -792,13 +1089,23 @@ fn logs(dir: &Path, name: &str, s: &mut String, failures: &mut Vec<String>) {
 fn write_expected(
     path: &Path,
     runner: &str,
+    backend: Backend,
     reports: &BTreeMap<&str, Report>,
 ) -> Result<(), Error> {
     let mut out = String::from("{\n");
-    let about = format!(
-        "Autobahn|Testsuite verdicts of cargo xtask autobahn, case by case ({runner}; the \
-         backend is examples/ws-echo.rs). Rewritten by cargo xtask autobahn --update-expected."
-    );
+    let about = match backend {
+        Backend::Echo => format!(
+            "Autobahn|Testsuite verdicts of cargo xtask autobahn, case by case ({runner}; the \
+             backend is examples/ws-echo.rs). Rewritten by cargo xtask autobahn \
+             --update-expected."
+        ),
+        Backend::Testee => format!(
+            "Autobahn|Testsuite verdicts of cargo xtask autobahn --backend testee, case by case \
+             ({runner}; the backend is {}). Rewritten by cargo xtask autobahn --backend testee \
+             --update-expected.",
+            backend.describe()
+        ),
+    };
     let _ = writeln!(out, "  \"about\": {},", Value::from(about));
     out.push_str("  \"runs\": {\n");
     for (i, name) in RUNS.iter().enumerate() {
@@ -824,24 +1131,40 @@ fn write_expected(
 }
 
 const HELP: &str = "\
-Usage: cargo xtask autobahn [--cases LIST] [--runner wstest|kosoku] [--update-expected]
+Usage: cargo xtask autobahn [--cases LIST] [--runner wstest|kosoku] [--backend echo|testee]
+                            [--update-expected]
        cargo xtask autobahn --report DIR
 
-Runs the Autobahn|Testsuite fuzzing client three times: against examples/ws-echo.rs directly
-(direct), through nginx with the module logging every frame (nginx-check-off), and the same
-with ws_protocol_check on (nginx-check-on). Fails (exit 1) if a verdict (behavior and
-behaviorClose of the report) differs between direct and nginx-check-off, if a run's verdict
-differs from tests/autobahn/expected-results.json, if an nginx worker exited on a signal, if a
-frame log has no open/frame/close records or a line that is not JSON, or if a tunnel has an
-open record without a close record. The summary also says, for every case in which the client
-breaks the framing rules, how the connection ended with the check on (Close 1002 from the
-proxy, from the backend, another code, no Close). It is written to target/autobahn/run/
-summary.txt; the HTML reports are in target/autobahn/run/reports/.
+Runs the Autobahn|Testsuite fuzzing client three times: against the backend directly (direct),
+through nginx with the module logging every frame (nginx-check-off), and the same with
+ws_protocol_check on (nginx-check-on). Fails (exit 1) if a verdict (behavior and behaviorClose
+of the report) differs between direct and nginx-check-off, if a run's verdict differs from the
+expected results, if an nginx worker exited on a signal or the error log has an [alert],
+[crit] or [emerg] line, if a frame log has no open/frame/close records or a line that is not
+JSON, if a tunnel has an open record without a close record, or if a message record has an
+inflate_error in a case that is OK directly. The summary also says, for every case in which
+the client breaks the framing rules, how the connection ended with the check on (Close 1002
+from the proxy, from the backend, another code, no Close). It is written to
+target/autobahn/run/summary.txt (run-testee/ with --backend testee); the HTML reports are in
+reports/ next to it.
+
+Backends:
+  echo     examples/ws-echo.rs (default): no compression, the cases 12.* and 13.* are
+           UNIMPLEMENTED; expected results in tests/autobahn/expected-results.json
+  testee   Autobahn's own testee server (wstest -m testeeserver, bound to 127.0.0.1), which
+           accepts every permessage-deflate offer; nginx adds ws_log_payload 256 and
+           ws_max_inflated_size 64m, so the module inflates every compressed message in both
+           directions. Expected results in tests/autobahn/expected-results-testee.json; while
+           that file does not exist, nginx-check-on is judged against direct (OK and
+           NON-STRICT with the same close verdict count as equal, as with the expected
+           results). Needs wstest. The compression cases take most of its time:
+           --cases '12.*,13.*' for them alone.
 
   --cases LIST        comma-separated case ids or globs (default \"*\": all 517), e.g. \"1.*,2.*\"
   --runner NAME       wstest (default; falls back to kosoku if it cannot be set up) or kosoku
-  --update-expected   write this run's verdicts to tests/autobahn/expected-results.json
-                      (a run of all cases)
+  --backend NAME      echo (default) or testee
+  --update-expected   write this run's verdicts to the backend's expected results (a run of
+                      all cases)
   --report DIR        only compare and summarize the reports of an earlier run in DIR
                       (e.g. target/autobahn/run)
 ";
@@ -894,6 +1217,95 @@ mod tests {
         let json = r#"{"a": "x\ud800y\\ud800\u00e9\n"}"#;
         let v: Value = serde_json::from_str(&no_surrogates(json)).unwrap();
         assert_eq!(v["a"], "x\u{fffd}y\\ud800\u{e9}\n");
+    }
+
+    #[test]
+    fn backends_parse_and_keep_their_own_expected_results() {
+        assert_eq!(Backend::parse("echo"), Some(Backend::Echo));
+        assert_eq!(Backend::parse("testee\n"), Some(Backend::Testee));
+        assert_eq!(Backend::parse("websockets"), None);
+        // The default backend's file is never the one a testee run writes.
+        assert_eq!(
+            Backend::Echo.expected(),
+            "tests/autobahn/expected-results.json"
+        );
+        assert_ne!(Backend::Testee.expected(), Backend::Echo.expected());
+        assert_ne!(Backend::Testee.run_dir(), Backend::Echo.run_dir());
+        let conf = nginx_conf(Path::new("/m.so"), 1, 2, "on", Backend::Testee);
+        assert!(conf.contains("ws_log_payload 256;\n            ws_max_inflated_size 64m;\n"));
+        assert!(conf.contains("ws_log_events open frame message close;"));
+        assert!(!nginx_conf(Path::new("/m.so"), 1, 2, "on", Backend::Echo).contains("inflated"));
+    }
+
+    #[test]
+    fn unexpected_verdicts_with_and_without_the_timing_tolerance() {
+        let want = BTreeMap::from([
+            ("1.1".to_owned(), v("OK", "OK")),
+            ("2.1".to_owned(), v("OK", "OK")),
+            ("3.1".to_owned(), v("OK", "OK")),
+        ]);
+        let got = BTreeMap::from([
+            ("1.1".to_owned(), v("OK", "OK")),
+            ("2.1".to_owned(), v("NON-STRICT", "OK")),
+            ("3.1".to_owned(), v("OK", "FAILED")),
+            ("4.1".to_owned(), v("OK", "OK")),
+        ]);
+        let (diff, tolerated) = unexpected(&want, &got, true);
+        assert_eq!(tolerated, 1);
+        assert_eq!(
+            diff,
+            [
+                ("3.1".to_owned(), "expected OK/OK, got OK/FAILED".to_owned()),
+                ("4.1".to_owned(), "not expected, got OK/OK".to_owned()),
+            ]
+        );
+        let (diff, tolerated) = unexpected(&want, &got, false);
+        assert_eq!((diff.len(), tolerated), (3, 0));
+    }
+
+    #[test]
+    fn websocket_key_from_a_raw_request() {
+        let req = "GET / HTTP/1.1\r\nUser-Agent: AutobahnTestSuite/25.10.1\r\n\
+                   Host: 127.0.0.1:9001\r\nUpgrade: WebSocket\r\n\
+                   sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        assert_eq!(websocket_key(req), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_eq!(websocket_key("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn access_log_ties_request_ids_to_keys() {
+        let log = "127.0.0.1 \"GET / HTTP/1.1\" 101 rid=aa key=K1== frames=1/1\n\
+                   127.0.0.1 \"GET / HTTP/1.1\" 404 rid=bb key=- frames=-/-\n\
+                   garbage\n";
+        assert_eq!(
+            access_keys(log),
+            BTreeMap::from([("aa".to_owned(), "K1==".to_owned())])
+        );
+    }
+
+    #[test]
+    fn inflation_counts_compressed_messages_and_errors_by_tunnel() {
+        let log = [
+            r#"{"event":"open","request_id":"a"}"#,
+            r#"{"event":"message","request_id":"a","compressed":true,"inflated_len":16,"inflate_error":null}"#,
+            r#"{"event":"message","request_id":"a","compressed":false,"inflated_len":null,"inflate_error":null}"#,
+            r#"{"event":"message","request_id":"b","compressed":true,"inflated_len":null,"inflate_error":"corrupt data"}"#,
+            r#"{"event":"message","request_id":"b","compressed":true,"inflated_len":null,"inflate_error":"state lost after an earlier failure"}"#,
+            "not json",
+        ]
+        .join("\n");
+        let i = inflation_of(&log);
+        assert_eq!((i.compressed, i.inflated), (3, 1));
+        assert_eq!(
+            i.errors,
+            BTreeMap::from([(
+                "b".to_owned(),
+                vec![
+                    "corrupt data".to_owned(),
+                    "state lost after an earlier failure".to_owned()
+                ]
+            )])
+        );
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub fn build(opts: &Options) -> Result<Artifacts, Error> {
     } else {
         Command::new(cargo)
     };
+    // `cargo run` gave this process the variables of the xtask package (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Build scripts that track them (nginx-sys, ring: rerun-if-env-changed)
+    // would see them change between this build and a plain `cargo build` or `cargo test`, and
+    // rebuild nginx and everything after it each time one follows the other.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_cargo_run_variable) {
+            cmd.env_remove(&name);
+        }
+    }
     cmd.current_dir(repo_root())
         .args([
             "build",
@@ -162,6 +171,21 @@ impl Artifacts {
     }
 }
 
+/// The variables cargo sets for the program of `cargo run` (not those it reads itself, like
+/// CARGO_HOME or CARGO_TARGET_DIR).
+fn is_cargo_run_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+        ]
+        .contains(&name)
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -221,6 +245,26 @@ mod tests {
             &PathBuf::from("/t/examples/ws-echo")
         );
         assert!(a.example("soak").is_err());
+    }
+
+    #[test]
+    fn only_the_variables_of_cargo_run_are_dropped() {
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
+            assert!(is_cargo_run_variable(name), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "PATH",
+        ] {
+            assert!(!is_cargo_run_variable(name), "{name}");
+        }
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 mod autobahn;
 mod build;
+mod demo;
 mod nginx_t;
+mod nginx_tests;
 mod proc;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,22 @@ impl Error {
     pub fn usage(message: impl Into<String>) -> Self {
         Error::msg(format!("{} (try --help)", message.into()))
     }
+
+    /// A failure with exit status 1 (the shell scripts' `die`).
+    pub fn fail(message: impl Into<String>) -> Self {
+        Error {
+            message: message.into(),
+            status: 1,
+        }
+    }
+
+    /// Only an exit status: the command has said what there was to say.
+    pub fn quiet(status: u8) -> Self {
+        Error {
+            message: String::new(),
+            status,
+        }
+    }
 }
 
 /// The repository: the parent of this crate's directory.
@@ -43,7 +62,13 @@ Usage: cargo xtask <command> [options]
 Commands:
   build      build the module, nginx and the examples; print where they are
   nginx-t    the nginx-tests-format suite tests/nginx/*.t under our own harness
+  nginx-tests
+             ours and nginx's own upgrade tests under nginx-tests' harness, without and with
+             the module (scripts/nginx-tests)
   autobahn   the Autobahn|Testsuite conformance runs and their comparison (scripts/autobahn)
+  demo       nginx with the module in front of two echo backends, traffic, the frame log live
+             (scripts/demo)
+  soak       many tunnels for a long time with reloads and injected faults (scripts/soak)
 
 cargo xtask <command> --help describes each.
 ";
@@ -58,6 +83,9 @@ fn main() -> ExitCode {
         "build" => build::main(rest),
         "autobahn" => autobahn::main(rest),
         "nginx-t" => nginx_t::main(rest),
+        "demo" => demo::main(rest),
+        "soak" => soak::main(rest),
+        "nginx-tests" => nginx_tests::main(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
@@ -67,7 +95,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask {command}: error: {}", e.message);
+            if !e.message.is_empty() {
+                // The bodies of scripts keep the scripts' names in their messages.
+                let name = match command.as_str() {
+                    "demo" | "soak" | "nginx-tests" => command.clone(),
+                    _ => format!("xtask {command}"),
+                };
+                eprintln!("{name}: error: {}", e.message);
+            }
             ExitCode::from(e.status)
         }
     }

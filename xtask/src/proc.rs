@@ -3,7 +3,8 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -17,12 +18,46 @@ pub fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::msg(format!("no free port: {e}")))
 }
 
+/// Whether something listens on 127.0.0.1:port.
+pub fn listening(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// The last SIGINT or SIGTERM received since `catch_signals`, 0 for none.
+static CAUGHT: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    CAUGHT.store(sig, Ordering::SeqCst);
+}
+
+/// From now on SIGINT and SIGTERM do not end this process: `caught` reports them, so that a
+/// command can stop its children in order before it exits (as a shell script's trap does).
+pub fn catch_signals() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only stores to an atomic, which is
+        // async-signal-safe; no other code in this process handles these signals.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+/// The signal (SIGINT or SIGTERM) caught since `catch_signals`, if any.
+pub fn caught() -> Option<i32> {
+    match CAUGHT.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
 /// A running child, signalled and reaped when dropped.
 pub struct Guard {
     child: Child,
     what: String,
     /// The signal that stops it gracefully (nginx: QUIT, which writes buffered logs out).
     stop_signal: i32,
+    /// How long it gets to stop after that signal before it is killed.
+    grace: Duration,
 }
 
 impl Guard {
@@ -51,7 +86,19 @@ impl Guard {
             child,
             what: what.to_owned(),
             stop_signal,
+            grace: Duration::from_secs(30),
         })
+    }
+
+    /// How long the child gets to stop after its stop signal (default 30 s).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits up to 10 s until the child listens on 127.0.0.1:port.
@@ -61,7 +108,7 @@ impl Guard {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(Error::msg(format!("{} exited ({status})", self.what)));
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if listening(port) {
                 return Ok(());
             }
             sleep(Duration::from_millis(100));
@@ -83,7 +130,7 @@ impl Guard {
             // SAFETY: kill(2) on our own child, which has not been reaped (try_wait said it
             // is still running), so the pid cannot belong to another process.
             unsafe { libc::kill(pid, self.stop_signal) };
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + self.grace;
             while Instant::now() < deadline {
                 if !matches!(self.child.try_wait(), Ok(None)) {
                     return;

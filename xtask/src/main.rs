@@ -3,6 +3,8 @@
 //! thin wrappers around these commands.
 
 mod autobahn;
+mod bench;
+mod bench_instructions;
 mod build;
 mod nginx_t;
 mod proc;
@@ -44,6 +46,9 @@ Commands:
   build      build the module, nginx and the examples; print where they are
   nginx-t    the nginx-tests-format suite tests/nginx/*.t under our own harness
   autobahn   the Autobahn|Testsuite conformance runs and their comparison (scripts/autobahn)
+  bench      the benchmarks: parser, instruction counts, load generator (scripts/bench)
+  bench-instructions
+             callgrind instructions per proxied message (scripts/bench-instructions)
 
 cargo xtask <command> --help describes each.
 ";
@@ -57,6 +62,8 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "build" => build::main(rest),
         "autobahn" => autobahn::main(rest),
+        "bench" => bench::main(rest),
+        "bench-instructions" => bench_instructions::main(rest),
         "nginx-t" => nginx_t::main(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");

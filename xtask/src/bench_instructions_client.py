@@ -18,7 +18,13 @@ WORDS = "alpha bravo delta order filled pending north east market limit cancel r
 
 
 def text(rng, seq, size):
-    """A JSON-like text of exactly `size` bytes (at least 64): items, then a note of words."""
+    """A JSON-like text of exactly `size` bytes: items, then a note of words (below 64 bytes,
+    words only)."""
+    if size < 64:
+        s = ""
+        while len(s) < size:
+            s += (rng.choice(WORDS) + " ")[: size - len(s)]
+        return s
     head = '{"seq":%d,"event":"%s","items":[' % (seq, rng.choice(["update", "trade", "quote"]))
     items = []
     while True:

@@ -226,7 +226,7 @@ bench-results/<UTC time>/; a full run (not --quick, --only, --no-parser, --no-in
                      workloads, 1000 idle tunnels, short parser runs, 1000 round trips
                      for the instruction counts
   --no-parser        skip the criterion microbenchmarks
-  --no-instructions  skip bench-instructions (about 4 minutes)
+  --no-instructions  skip bench-instructions (about 5 minutes)
   --parser-only      only the criterion microbenchmarks
   --rounds N         rounds per workload (default 5)
   --no-pin           let the processes run on any CPU (default: the proxy on CPU 1, the

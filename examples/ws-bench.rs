@@ -2411,14 +2411,17 @@ impl Report<'_> {
             });
             // Per round: (compressed - stock with compressed traffic) - (uncompressed -
             // stock with uncompressed traffic), for the configurations that inflate nothing.
-            // RSS is counted in 4 KiB pages and the figure comes from 8 readings.
-            let res = 8.0 * 4096.0 / d.n as f64;
+            // Exactly 0 cannot be shown: the heap's layout moves these figures by a few
+            // hundred bytes per tunnel from run to run at 1000 tunnels (RSS pages alone would
+            // be 33 B), so a spread over the rounds that holds 0 is "within noise", one that
+            // does not is "no", and one round is not judged.
             for t in [Target::Close, Target::Message] {
                 let off = self.idle.map(|p| {
                     let c = d.diff(t, Target::Stock);
                     let u = p.diff(t, Target::Stock);
                     c.iter().zip(&u).map(|(c, u)| c - u).collect::<Vec<f64>>()
                 });
+                let rounds = off.as_ref().map_or(0, Vec::len);
                 let off = off.as_deref().and_then(stat);
                 g.push(Goal {
                     what: format!(
@@ -2427,19 +2430,21 @@ impl Report<'_> {
                          traffic)",
                         t.label()
                     ),
-                    limit: format!("0 B (± {res:.1} B: RSS pages)"),
+                    limit: "0 B".into(),
                     got: off.map_or("not measured".into(), |s| {
-                        format!("{:+.0} B [{:+.0}, {:+.0}]", s.med, s.min, s.max)
+                        format!(
+                            "{:+.0} B [{:+.0}, {:+.0}] ({rounds} round{})",
+                            s.med,
+                            s.min,
+                            s.max,
+                            if rounds == 1 { ", not judged" } else { "s" }
+                        )
                     }),
-                    met: off.map_or(Met::NotMeasured, |s| {
-                        if s.min.abs() <= res && s.max.abs() <= res {
-                            Met::Yes
-                        } else if s.min > res || s.max < -res {
-                            Met::No
-                        } else {
-                            Met::WithinNoise
-                        }
-                    }),
+                    met: match off {
+                        Some(s) if rounds >= 2 && s.min <= 0.0 && s.max >= 0.0 => Met::WithinNoise,
+                        Some(_) if rounds >= 2 => Met::No,
+                        _ => Met::NotMeasured,
+                    },
                 });
             }
         }

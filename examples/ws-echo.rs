@@ -4,9 +4,16 @@
 //! close handshake. No message or frame size limits. With `--name NAME`, the text message
 //! `whoami` is answered with `NAME` instead of an echo, to show which server of an
 //! `upstream {}` pool a connection reached. With `--protocol NAME`, the subprotocol `NAME` is
-//! selected when the client offers it.
+//! selected when the client offers it. With `--deflate`, it accepts permessage-deflate and
+//! returns every frame byte for byte (unmasked), compressed ones included: a compressing
+//! client then gets a valid compressed stream back (scripts/bench-instructions' compressed
+//! rows; tokio-tungstenite has no permessage-deflate).
 //!
 //!     cargo run --example ws-echo -- [--listen 127.0.0.1:9001] [--name NAME] [--protocol NAME]
+//!                                    [--deflate]
+
+#[path = "common/rawws.rs"]
+mod rawws;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -18,16 +25,20 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-const USAGE: &str = "usage: ws-echo [--listen ADDR:PORT] [--name NAME] [--protocol NAME]
+const USAGE: &str =
+    "usage: ws-echo [--listen ADDR:PORT] [--name NAME] [--protocol NAME] [--deflate]
 
   --listen ADDR:PORT  address to listen on (default 127.0.0.1:9001)
   --name NAME         answer the text message \"whoami\" with NAME
-  --protocol NAME     select subprotocol NAME when the client offers it";
+  --protocol NAME     select subprotocol NAME when the client offers it
+  --deflate           accept permessage-deflate and echo every frame byte for byte (no
+                      --name or --protocol then)";
 
 struct Args {
     listen: SocketAddr,
     name: Option<String>,
     protocol: Option<String>,
+    deflate: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
         listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
         name: None,
         protocol: None,
+        deflate: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -46,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--name" => args.name = Some(value()?),
             "--protocol" => args.protocol = Some(value()?),
+            "--deflate" => args.deflate = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -110,6 +123,13 @@ async fn serve(
     Ok(())
 }
 
+/// `--deflate`: the handshake and the echo by hand (examples/common/rawws.rs).
+async fn serve_raw(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (_, rest) = rawws::accept(&mut stream).await?;
+    rawws::echo(stream, rest).await
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match parse_args() {
@@ -138,6 +158,15 @@ async fn main() -> ExitCode {
                 continue;
             }
         };
+        if args.deflate {
+            tokio::spawn(async move {
+                match serve_raw(stream).await {
+                    Ok(()) => eprintln!("ws-echo: {peer} closed"),
+                    Err(e) => eprintln!("ws-echo: {peer} ended: {e}"),
+                }
+            });
+            continue;
+        }
         let (name, protocol) = (args.name.clone(), args.protocol.clone());
         tokio::spawn(async move {
             match serve(stream, peer, name, protocol).await {

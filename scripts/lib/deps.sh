@@ -66,10 +66,9 @@ install_prometheus() {
     fi
 }
 
-# Test peers: Python 3 with the `websockets` package (a permessage-deflate client/server),
-# Debian's chromium (a real browser, headless) and Prometheus.
-install_test_deps() {
-    install_prometheus
+# Python 3 with the `websockets` package (a permessage-deflate client/server): a test peer,
+# and the client of scripts/bench-instructions.
+install_python_websockets() {
     if ! command -v python3 >/dev/null; then
         install_packages python3 python3-pip
     fi
@@ -83,6 +82,12 @@ install_test_deps() {
         deps_say "python3 cannot import websockets"
         exit 1
     }
+}
+
+# Test peers: Python websockets, Debian's chromium (a real browser, headless) and Prometheus.
+install_test_deps() {
+    install_prometheus
+    install_python_websockets
     # A real browser for the compressed-tunnel test (tests/it/deflate.rs): Debian's chromium.
     command -v chromium >/dev/null || install_packages chromium
 }

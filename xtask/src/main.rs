@@ -3,6 +3,8 @@
 //! thin wrappers around these commands.
 
 mod autobahn;
+mod bench;
+mod bench_instructions;
 mod build;
 mod demo;
 mod nginx_t;
@@ -69,6 +71,9 @@ Commands:
   demo       nginx with the module in front of two echo backends, traffic, the frame log live
              (scripts/demo)
   soak       many tunnels for a long time with reloads and injected faults (scripts/soak)
+  bench      the benchmarks: parser, instruction counts, load generator (scripts/bench)
+  bench-instructions
+             callgrind instructions per proxied message (scripts/bench-instructions)
 
 cargo xtask <command> --help describes each.
 ";
@@ -82,6 +87,8 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "build" => build::main(rest),
         "autobahn" => autobahn::main(rest),
+        "bench" => bench::main(rest),
+        "bench-instructions" => bench_instructions::main(rest),
         "nginx-t" => nginx_t::main(rest),
         "demo" => demo::main(rest),
         "soak" => soak::main(rest),

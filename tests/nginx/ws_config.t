@@ -65,6 +65,8 @@ ws_log %%TESTDIR%%/ws.log buffer=32k flush=1s;
             ws_max_frame_size 1m;
             ws_max_message_size 16m;
             ws_protocol_check on;
+            ws_max_inflated_size 1m;
+            ws_limit_log_level warn;
 EOF
 
 my @bad = (
@@ -86,6 +88,10 @@ my @bad = (
 		qr/invalid number of arguments in "ws_idle_timeout" directive/ ],
 	[ 'ws_log %%TESTDIR%%/ws.log flush=1s;',
 		qr/"ws_log" ".*\/ws\.log": flush= needs buffer=/ ],
+	[ 'ws_max_inflated_size lots;',
+		qr/invalid value "lots" in "ws_max_inflated_size" directive/ ],
+	[ 'ws_limit_log_level loud;',
+		qr/invalid value "loud" in "ws_limit_log_level" directive/ ],
 	[ 'ws_route /chat nosuch;',
 		qr/ws_route: no upstream "nosuch" defined/ ],
 );

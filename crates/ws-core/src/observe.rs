@@ -761,9 +761,7 @@ pub(crate) mod tests {
         let s = fragmented();
         let cap = Capture {
             payload: 5,
-            deflate: false,
-            inflate: Inflate::Off,
-            unread: Unread::default(),
+            ..Capture::default()
         };
         let (recs, d) = run(&[&s], cap);
         assert_eq!(d.frames, 6);
@@ -819,9 +817,7 @@ pub(crate) mod tests {
         let s = fragmented();
         let cap = Capture {
             payload: 3,
-            deflate: false,
-            inflate: Inflate::Off,
-            unread: Unread::default(),
+            ..Capture::default()
         };
         let (whole, _) = run(&[&s], cap);
         for cut in 0..=s.len() {
@@ -909,9 +905,7 @@ pub(crate) mod tests {
         let s = fragmented();
         let full = Capture {
             payload: 3,
-            deflate: false,
-            inflate: Inflate::Off,
-            unread: Unread::default(),
+            ..Capture::default()
         };
         let (whole, d) = run(&[&s], full);
         let totals = |d: &Direction| {

@@ -1180,42 +1180,43 @@ async fn idle_run(
     let before = rss_kib(p.pid).ok_or("no VmRSS")?;
     if deflate {
         let addr = format!("127.0.0.1:{}", p.port);
-        let clients: Result<Vec<rawws::DeflateClient>, String> = futures_util::stream::iter(0..n)
-            .map(|i| {
-                let addr = &addr;
-                async move {
-                    let mut c = rawws::DeflateClient::connect(addr, "/deflate", i as u64).await?;
-                    for _ in 0..IDLE_DEFLATE_TRIPS {
-                        c.round_trip(1024).await?;
-                    }
-                    c.idle();
-                    Ok(c)
-                }
-            })
-            .buffer_unordered(200)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect();
-        let clients = clients?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let after = rss_kib(p.pid).ok_or("no VmRSS")?;
-        drop(clients);
-        settle(&b.up, Duration::from_secs(30)).await?;
-        drop(p);
-        return Ok((before, after));
+        let addr = &addr;
+        return rss_while_open(b, p, before, n, |i| async move {
+            let mut c = rawws::DeflateClient::connect(addr, "/deflate", i as u64).await?;
+            for _ in 0..IDLE_DEFLATE_TRIPS {
+                c.round_trip(1024).await?;
+            }
+            c.idle();
+            Ok(c)
+        })
+        .await;
     }
     let url = format!("ws://127.0.0.1:{}/echo", p.port);
     let msg = Message::Text("x".repeat(64));
-    let clients: Result<Vec<Ws>, String> = futures_util::stream::iter(0..n)
-        .map(|_| {
-            let (url, msg) = (&url, &msg);
-            async move {
-                let mut ws = connect(url).await?;
-                round_trip(&mut ws, msg).await?;
-                Ok(ws)
-            }
-        })
+    let (url, msg) = (&url, &msg);
+    rss_while_open(b, p, before, n, |_| async move {
+        let mut ws = connect(url).await?;
+        round_trip(&mut ws, msg).await?;
+        Ok(ws)
+    })
+    .await
+}
+
+/// Opens `n` clients with `open` (200 at a time), reads the proxy's RSS while they are all
+/// open, then closes them and waits for the upstream to see them go: (`before`, that RSS).
+async fn rss_while_open<T, F, Fut>(
+    b: &Bench<'_>,
+    p: Proxy,
+    before: u64,
+    n: usize,
+    open: F,
+) -> Result<(u64, u64), String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let clients: Result<Vec<T>, String> = futures_util::stream::iter(0..n)
+        .map(open)
         .buffer_unordered(200)
         .collect::<Vec<_>>()
         .await

@@ -5,33 +5,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nginx_ws_fuzz::flow::{Event as FlowEvent, Flow, Policy, Sent};
-use nginx_ws_fuzz::observe::{Capture, Inflate};
-use nginx_ws_fuzz::support::{first_refused, frames, match_input, peer_frames, Conn};
+use nginx_ws_fuzz::flow::{Event as FlowEvent, Sent};
+use nginx_ws_fuzz::support::{first_refused, flow_from, frames, match_input, peer_frames, Conn};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 12 {
         return;
     }
     let (head, input) = data.split_at(12);
-    let policy = Policy {
-        max_frame: u64::from(head[0]) * 4,
-        max_message: u64::from(head[1]) * 8,
-        protocol_check: head[2] & 1 == 1,
-        expect_masked: head[2] & 2 == 2,
-        rsv_allowed: head[3] & 7,
-        max_inflated: 0,
-    };
-    let mut flow = Flow::new(
-        Capture {
-            payload: usize::from(head[4]),
-            deflate: head[3] & 8 == 8,
-            inflate: Inflate::Off,
-            unread: Default::default(),
-        },
-        policy,
-        u32::from(head[5]),
-    );
+    let (mut flow, policy) = flow_from(head[..6].try_into().expect("six bytes"));
     if head[6] & 1 == 1 {
         flow.watch_pong(b"ngx-ws-ping-1".to_vec());
     }

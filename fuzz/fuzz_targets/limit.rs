@@ -11,10 +11,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nginx_ws_fuzz::flow::{Admission, Admit, Event as FlowEvent, Flow, Policy, Sent, Violation};
+use nginx_ws_fuzz::flow::{Admission, Admit, Event as FlowEvent, Sent, Violation};
 use nginx_ws_fuzz::frame::Opcode;
-use nginx_ws_fuzz::observe::{Capture, Inflate};
-use nginx_ws_fuzz::support::{first_refused, frames, match_input, peer_frames, Conn};
+use nginx_ws_fuzz::support::{first_refused, flow_from, frames, match_input, peer_frames, Conn};
 
 /// Verdicts from a script, one per message asked about, with the clock they were given at.
 struct Script<'a> {
@@ -41,23 +40,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (head, input) = data.split_at(18);
-    let policy = Policy {
-        max_frame: u64::from(head[0]) * 4,
-        max_message: u64::from(head[1]) * 8,
-        protocol_check: head[2] & 1 == 1,
-        expect_masked: head[2] & 2 == 2,
-        rsv_allowed: head[3] & 7,
-        max_inflated: 0,
-    };
-    let mut flow = Flow::new(
-        Capture {
-            payload: usize::from(head[4]),
-            deflate: head[3] & 8 == 8,
-            inflate: Inflate::Off,
-        },
-        policy,
-        u32::from(head[5]),
-    );
+    let (mut flow, policy) = flow_from(head[..6].try_into().expect("six bytes"));
     if head[6] & 1 == 1 {
         flow.watch_pong(b"ngx-ws-ping-1".to_vec());
     }

@@ -186,3 +186,25 @@ pub fn match_input(input: &[Frame], peer: &[&Frame], refused: usize, pong: &[u8]
     assert_eq!(k, peer.len(), "output has frames the input did not");
     matched
 }
+
+/// The flow and policy the first six bytes of a flow target's input choose: frame and
+/// message limits, protocol check, masking, RSV bits, deflate, payload capture, mask seed.
+pub fn flow_from(head: &[u8; 6]) -> (ws_core::flow::Flow, Policy) {
+    use ws_core::observe::{Capture, Inflate};
+    let policy = Policy {
+        max_frame: u64::from(head[0]) * 4,
+        max_message: u64::from(head[1]) * 8,
+        protocol_check: head[2] & 1 == 1,
+        expect_masked: head[2] & 2 == 2,
+        rsv_allowed: head[3] & 7,
+        max_inflated: 0,
+    };
+    let capture = Capture {
+        payload: usize::from(head[4]),
+        deflate: head[3] & 8 == 8,
+        inflate: Inflate::Off,
+        unread: Default::default(),
+    };
+    let flow = ws_core::flow::Flow::new(capture, policy, u32::from(head[5]));
+    (flow, policy)
+}

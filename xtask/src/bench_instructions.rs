@@ -259,14 +259,11 @@ fn render(trips: u64, size: u64, nginx: &str, per: &[i64]) -> String {
 }
 
 fn nginx_version(nginx: &Path) -> String {
-    Command::new(nginx)
-        .arg("-v")
-        .output()
-        .map(|o| {
-            let s = String::from_utf8_lossy(&o.stderr);
-            s.trim().rsplit(": ").next().unwrap_or_default().to_string()
-        })
+    crate::proc::nginx_v(nginx)
+        .rsplit(": ")
+        .next()
         .unwrap_or_default()
+        .to_string()
 }
 
 /// Instructions nginx executed for configuration `c` and `trips` round trips.

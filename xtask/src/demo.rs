@@ -441,14 +441,11 @@ fn session(children: &mut Children, s: Session) -> Result<(), Error> {
 
 /// "1.28.3" from `nginx -v` ("nginx version: nginx/1.28.3", on stderr).
 fn nginx_version(nginx: &Path) -> String {
-    Command::new(nginx)
-        .arg("-v")
-        .output()
-        .map(|o| {
-            let text = String::from_utf8_lossy(&o.stderr).trim().to_owned();
-            text.rsplit('/').next().unwrap_or("").to_owned()
-        })
-        .unwrap_or_default()
+    proc::nginx_v(nginx)
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn read_lossy(path: &Path) -> String {

@@ -219,17 +219,10 @@ pub fn main(args: &[String]) -> Result<(), Error> {
 
 /// "nginx/1.28.3" from `nginx -v` ("nginx version: nginx/1.28.3", on stderr).
 fn nginx_version(nginx: &Path) -> String {
-    Command::new(nginx)
-        .arg("-v")
-        .output()
-        .map(|o| {
-            let text = String::from_utf8_lossy(&o.stderr);
-            let text = text.trim();
-            text.strip_prefix("nginx version: ")
-                .unwrap_or(text)
-                .to_owned()
-        })
-        .unwrap_or_default()
+    let text = crate::proc::nginx_v(nginx);
+    text.strip_prefix("nginx version: ")
+        .unwrap_or(&text)
+        .to_owned()
 }
 
 struct Runner {

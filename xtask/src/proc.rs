@@ -18,6 +18,16 @@ pub fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::msg(format!("no free port: {e}")))
 }
 
+/// What `nginx -v` prints ("nginx version: nginx/1.28.3", on stderr), trimmed; empty if
+/// nginx cannot be run.
+pub fn nginx_v(nginx: &Path) -> String {
+    Command::new(nginx)
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// Whether something listens on 127.0.0.1:port.
 pub fn listening(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()

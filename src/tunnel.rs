@@ -13,7 +13,7 @@ use core::ptr::{self, NonNull};
 
 use ngx::ffi::{
     ngx_add_timer, ngx_connection_t, ngx_current_msec, ngx_del_timer, ngx_delete_posted_event,
-    ngx_event_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_pmemalign, ngx_pool_cleanup_add,
+    ngx_event_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_pmemalign, ngx_pool_cleanup_t,
     ngx_pool_t, ngx_post_event, ngx_posted_events, ngx_random, ngx_recv_pt, ngx_send_pt, NGX_AGAIN,
     NGX_ERROR, NGX_HTTP_GATEWAY_TIME_OUT, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SWITCHING_PROTOCOLS,
     NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_VERSION_20, NGX_LOG_INFO,
@@ -55,8 +55,13 @@ struct Recorder {
     logs: LogSet<'static>,
     events: u32,
     conn: u64,
-    /// `$request_id`, in the request pool.
+    /// `$request_id`, in the request pool: read when the tunnel opens only if a record written
+    /// then needs it (`open`, or the `ident` of frame and message records); otherwise read
+    /// when the close record is written (`request_id_index`), so that nginx allocates its text
+    /// in the request pool when the tunnel ends, not for the tunnel's whole life.
     request_id: Option<&'static str>,
+    /// `$request_id`'s variable index while it is still to be read.
+    request_id_index: Option<ngx_int_t>,
     /// `conn` and `request_id` rendered for frame and message records, when they are logged.
     ident: Option<Ident>,
     /// `ws_log_payload`.
@@ -213,9 +218,17 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
         },
     };
     let (client_inflate, upstream_inflate) = inflation(lcf, &req.headers_out.headers);
+    // `$request_id` is read now only for records written while the tunnel runs; nginx keeps
+    // its text in the request pool (see `Recorder::request_id`).
+    let request_id_now = !lcf.logs().is_empty()
+        && lcf.events() & (events::OPEN | events::FRAME | events::MESSAGE) != 0;
+    let request_id_index = mcf.map(|m| m.request_id_index);
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
     // cleanup of its pool, before the pool's memory (which holds the value) is freed.
-    let request_id = mcf.and_then(|m| unsafe { crate::http::request_id(r, m.request_id_index) });
+    let request_id = request_id_index
+        .filter(|_| request_id_now)
+        .and_then(|i| unsafe { crate::http::request_id(r, i) });
+    let request_id_index = request_id_index.filter(|_| !request_id_now);
     let client_conn = req.connection;
     let upstream_conn = u.peer.connection;
     // SAFETY: both connections are live for the request's lifetime.
@@ -285,6 +298,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             events: lcf.events(),
             conn,
             request_id,
+            request_id_index,
             ident: (!lcf.logs().is_empty()
                 && lcf.events() & (events::FRAME | events::MESSAGE) != 0)
                 .then(|| Ident::new(conn, request_id)),
@@ -398,34 +412,52 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     }
 }
 
-/// Moves the tunnel into memory of its own that is dropped and freed with the request pool.
+/// The tunnel's memory: the tunnel and the request pool's cleanup entry that drops it.
+#[repr(C)]
+struct Owned {
+    cleanup: ngx_pool_cleanup_t,
+    tunnel: Tunnel,
+}
+
+/// Moves the tunnel into memory of its own that is dropped and freed with the request pool,
+/// taking as little of the pool itself as nginx allows: 16 bytes.
 ///
-/// `Pool::allocate` would carve it out of the pool's blocks; by the 101 the request has
-/// usually used up its first block, and the tunnel would cost a whole new one (the pool's
-/// size, 4 KiB by default). `ngx_pmemalign` takes exactly the tunnel's size from the heap and
-/// frees it with the pool, after the pool's cleanups (the drop) have run. Null on failure.
+/// The request pool grows by whole blocks (`request_pool_size`, 4 KiB by default), and by the
+/// 101 a request has usually filled its first block and part of its second. Whatever the
+/// module takes from the pool's blocks brings the next block sooner: 72 bytes (the tunnel's
+/// cleanup entry, `ngx_pmemalign`'s record and `$request_id`) were enough to make nginx's own
+/// flush buffer of the upgrade take a third block for every compressed tunnel of the benchmark
+/// (a 101 with `Sec-WebSocket-Extensions` is longer): +4 KiB per tunnel. So: `ngx_pmemalign`
+/// takes the memory from the heap (its 16-byte record of the allocation is the only part in
+/// the pool's blocks), the cleanup entry lives in that memory instead of being allocated by
+/// `ngx_pool_cleanup_add`, and `$request_id` is read late (`Recorder::request_id`).
+///
+/// `ngx_destroy_pool` runs the cleanups (the drop) and reads each entry's `next` before it
+/// frees the heap allocations, so the entry is still there when nginx walks past it.
+/// Null on failure.
 fn allocate_tunnel(pool: *mut ngx_pool_t, tunnel: Tunnel) -> *mut Tunnel {
-    // SAFETY: the request's live pool; size and alignment are the tunnel's.
-    let p = unsafe { ngx_pmemalign(pool, size_of::<Tunnel>(), align_of::<Tunnel>()) };
-    let p = p.cast::<Tunnel>();
+    // SAFETY: the request's live pool; size and alignment are those of `Owned`.
+    let p = unsafe { ngx_pmemalign(pool, size_of::<Owned>(), align_of::<Owned>()) };
+    let p = p.cast::<Owned>();
     if p.is_null() {
-        return p;
-    }
-    // SAFETY: fresh memory, sized and aligned for a Tunnel.
-    unsafe { ptr::write(p, tunnel) };
-    // SAFETY: the request's live pool.
-    let cln = unsafe { ngx_pool_cleanup_add(pool, 0) };
-    if cln.is_null() {
-        // SAFETY: written just above and not shared yet.
-        unsafe { ptr::drop_in_place(p) };
         return ptr::null_mut();
     }
-    // SAFETY: a cleanup entry nginx just added to the live pool.
+    // SAFETY: fresh memory, sized and aligned for an `Owned`; the pool is live and this
+    // thread's; the entry is linked in as `ngx_pool_cleanup_add` links its own.
     unsafe {
-        (*cln).handler = Some(drop_tunnel);
-        (*cln).data = p.cast();
+        let t = &raw mut (*p).tunnel;
+        ptr::write(t, tunnel);
+        ptr::write(
+            &raw mut (*p).cleanup,
+            ngx_pool_cleanup_t {
+                handler: Some(drop_tunnel),
+                data: t.cast(),
+                next: (*pool).cleanup,
+            },
+        );
+        (*pool).cleanup = &raw mut (*p).cleanup;
+        t
     }
-    p
 }
 
 /// Pool cleanup: drops the tunnel in place (its memory goes with the pool).
@@ -1349,6 +1381,11 @@ impl Tunnel {
             .then(|| self.rec.logs.now_text())
             .flatten();
         if let Some(time) = close_time {
+            if let Some(i) = self.rec.request_id_index.take() {
+                // SAFETY: the live request (finalizing), with this cycle's variable index; the
+                // text stays in its pool, which outlives the tunnel.
+                self.rec.request_id = unsafe { crate::http::request_id(self.r, i) };
+            }
             let rec = CloseRecord {
                 time: time.as_str(),
                 event: "close",

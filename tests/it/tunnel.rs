@@ -635,3 +635,40 @@ async fn counted_tunnels_report_what_observed_ones_do() {
     assert_eq!(strip(&c[0]), strip(&o[0]));
     assert!(c[0].starts_with("101 7 "), "{}", c[0]);
 }
+
+/// With close records only, `$request_id` is read when the close record is written, not when
+/// the tunnel opens (so that nginx's copy of it does not sit in the request pool for the
+/// tunnel's whole life): the record must still carry the request's own id, the one the access
+/// log writes, and each tunnel its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_records_carry_the_request_id_read_at_the_end() {
+    let echo = echo_server().await;
+    let ngx = Nginx::start(
+        1,
+        "log_format rid '$request_id $ws_end';",
+        &format!(
+            "location / {{\n ws_log logs/ws.log;\n ws_log_events close;\n\
+             access_log logs/access.log rid;\n{}\n}}",
+            proxy_to(echo.addr)
+        ),
+    );
+    for _ in 0..3 {
+        // The echo server closes /close after the first message.
+        single_exchange("/close", &ngx).await;
+    }
+    let recs = ngx.wait_records("logs/ws.log", closes(3)).await;
+    let lines = ngx.wait_lines("logs/access.log", 3).await;
+    let mut from_log: Vec<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    let mut from_records: Vec<&str> = of_event(&recs, "close")
+        .iter()
+        .map(|c| c["request_id"].as_str().expect("request_id"))
+        .collect();
+    from_log.sort_unstable();
+    from_records.sort_unstable();
+    assert_eq!(from_records, from_log);
+    from_log.dedup();
+    assert_eq!(from_log.len(), 3, "{lines:?}");
+    assert!(from_records
+        .iter()
+        .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())));
+}

@@ -24,15 +24,15 @@ use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
 use crate::flow::{Admission, Admit, Event, Flow, Policy, Sent, Sink, Violation, Write};
-use crate::frame::Opcode;
+use crate::frame::{FrameBrief, Opcode};
 use crate::http::{addr_text, find_header, non_empty};
 use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
 use crate::limit::Limiter;
 use crate::observe::{Capture, Direction, Inflate, Observed, Unread};
 use crate::record::{
-    frame_line, CloseRecord, End, FrameRecord, From, Ident, MessageRecord, OpcodeField, OpenRecord,
-    PayloadField, SideRecord,
+    brief_frame_line, frame_line, CloseRecord, End, FrameRecord, From, Ident, MessageRecord,
+    OpcodeField, OpenRecord, PayloadField, SideRecord,
 };
 use crate::sink::LogSet;
 use crate::status::{self, Slot};
@@ -724,6 +724,25 @@ impl Recorder {
             || (!self.logs.is_empty() && self.events & (events::FRAME | events::MESSAGE) != 0)
     }
 
+    /// Whether the frame records of whole frames taken the short way are all that `on` does
+    /// with them (no metrics, no message records: see [`Flow::observe_whole`]).
+    #[inline(always)]
+    fn brief_frames(&self) -> bool {
+        self.stats.is_none()
+            && !self.logs.is_empty()
+            && self.events & (events::FRAME | events::MESSAGE) == events::FRAME
+            && self.ident.is_some()
+    }
+
+    /// The frame record of a whole frame taken the short way.
+    #[inline(always)]
+    fn brief_frame(&mut self, from: From, b: FrameBrief) {
+        if let Some(head) = self.ident.as_ref().and_then(|i| i.frame_head(from)) {
+            self.logs
+                .write_with(|time, out| brief_frame_line(out, time, head, b));
+        }
+    }
+
     /// Writes the record for something a flow did. Inlined into the send wrappers' closures,
     /// so that the frame event need not be built in memory to be read back here.
     #[inline(always)]
@@ -986,9 +1005,21 @@ impl Tunnel {
         // SAFETY: nginx's own send on its live connection, with the arguments nginx gave.
         let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
         if n > 0 {
-            let had_close = flow.obs.close_sent;
             let sent = &data[..(n as usize).min(data.len())];
-            if self.rec.wants_events() {
+            // Nearly every write: one whole data message of one frame, its record (if any)
+            // written straight from the frame's first bytes.
+            let brief = self.rec.brief_frames();
+            let wants_events = self.rec.wants_events();
+            if brief || !wants_events {
+                if let Some(b) = flow.observe_whole(sent, brief) {
+                    if brief {
+                        self.rec.brief_frame(from, b);
+                    }
+                    return n;
+                }
+            }
+            let had_close = flow.obs.close_sent;
+            if wants_events {
                 let rec = &mut self.rec;
                 flow.observe_sent(sent, |e| rec.on(from, &e));
             } else {

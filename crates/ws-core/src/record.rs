@@ -290,14 +290,21 @@ impl TimeText {
     /// milliseconds written again in the usual case.
     #[inline]
     pub fn at_msec(mut self, sec: i64, msec: u32) -> TimeText {
+        self.set_msec(sec, msec);
+        self
+    }
+
+    /// [`TimeText::at_msec`] in place.
+    #[inline]
+    pub fn set_msec(&mut self, sec: i64, msec: u32) {
         if self.len != 24 {
-            return TimeText::new(sec, msec);
+            *self = TimeText::new(sec, msec);
+            return;
         }
         let m = msec.min(999);
         self.buf[20] = b'0' + (m / 100) as u8;
         self.buf[21] = b'0' + (m / 10 % 10) as u8;
         self.buf[22] = b'0' + (m % 10) as u8;
-        self
     }
 
     #[inline]

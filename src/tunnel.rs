@@ -65,6 +65,16 @@ struct Recorder {
     stats: Option<Slot>,
 }
 
+/// What [`Recorder::on`] makes of the frames of a passive tunnel.
+enum Mode {
+    /// Nothing: they are counted only.
+    Count,
+    /// Only the frame record.
+    Brief,
+    /// Metrics or message records: frames and messages are reported one by one.
+    Events,
+}
+
 /// One tracked WebSocket tunnel.
 pub struct Tunnel {
     r: *mut ngx_http_request_t,
@@ -724,14 +734,21 @@ impl Recorder {
             || (!self.logs.is_empty() && self.events & (events::FRAME | events::MESSAGE) != 0)
     }
 
-    /// Whether the frame records of whole frames taken the short way are all that `on` does
-    /// with them (no metrics, no message records: see [`Flow::observe_whole`]).
+    /// What a passive tunnel does with a whole frame taken the short way
+    /// ([`Flow::observe_whole`]).
     #[inline(always)]
-    fn brief_frames(&self) -> bool {
-        self.stats.is_none()
-            && !self.logs.is_empty()
-            && self.events & (events::FRAME | events::MESSAGE) == events::FRAME
-            && self.ident.is_some()
+    fn mode(&self) -> Mode {
+        if self.stats.is_some() {
+            return Mode::Events;
+        }
+        if self.logs.is_empty() {
+            return Mode::Count;
+        }
+        match self.events & (events::FRAME | events::MESSAGE) {
+            0 => Mode::Count,
+            events::FRAME if self.ident.is_some() => Mode::Brief,
+            _ => Mode::Events,
+        }
     }
 
     /// The frame record of a whole frame taken the short way.
@@ -868,10 +885,18 @@ impl Tunnel {
     }
 
     /// A `send` call from nginx for one direction; returns what nginx's `send` returns.
+    #[inline(always)]
     fn send(&mut self, from: From, data: &[u8]) -> isize {
         if self.passive && !self.flow_of(from).limited() {
             return self.pass(from, data);
         }
+        self.shape(from, data)
+    }
+
+    /// [`Tunnel::send`] where the proxy may write or hold (out of line: the usual passive
+    /// tunnel's path stays short).
+    #[inline(never)]
+    fn shape(&mut self, from: From, data: &[u8]) -> isize {
         let now = now_msec();
         let (flow, mut sink) = match from {
             From::Upstream => (
@@ -990,6 +1015,7 @@ impl Tunnel {
 
     /// A passive tunnel's `send`: nginx's own, then the bytes it wrote are observed (counted
     /// only, when nothing reads the frames one by one).
+    #[inline(always)]
     fn pass(&mut self, from: From, data: &[u8]) -> isize {
         let (flow, c, send) = match from {
             From::Upstream => (&mut self.to_client, self.client_conn, self.client_send),
@@ -1006,37 +1032,52 @@ impl Tunnel {
         let n = unsafe { send(c, data.as_ptr().cast_mut(), data.len()) };
         if n > 0 {
             let sent = &data[..(n as usize).min(data.len())];
-            // Nearly every write: one whole data message of one frame, its record (if any)
-            // written straight from the frame's first bytes.
-            let brief = self.rec.brief_frames();
-            let wants_events = self.rec.wants_events();
-            if brief || !wants_events {
-                if let Some(b) = flow.observe_whole(sent, brief) {
-                    if brief {
-                        self.rec.brief_frame(from, b);
+            // Nearly every write: one whole data message of one frame, counted and its record
+            // (if any) written straight from the frame's first bytes.
+            match self.rec.mode() {
+                Mode::Count => {
+                    if flow.observe_whole(sent, false).is_some() {
+                        return n;
                     }
-                    return n;
                 }
+                Mode::Brief => {
+                    if let Some(b) = flow.observe_whole(sent, true) {
+                        self.rec.brief_frame(from, b);
+                        return n;
+                    }
+                }
+                Mode::Events => {}
             }
-            let had_close = flow.obs.close_sent;
-            if wants_events {
-                let rec = &mut self.rec;
-                flow.observe_sent(sent, |e| rec.on(from, &e));
-            } else {
-                flow.obs.count(sent);
-            }
-            if !had_close && flow.obs.close_sent {
-                self.life.peer_closed(from);
-                // What travels toward a closing peer is no longer limited (see send).
-                let toward = if from == From::Client {
-                    From::Upstream
-                } else {
-                    From::Client
-                };
-                self.lift_limits(toward, now_msec() as Msec);
-            }
+            self.observe_sent(from, sent);
         }
         n
+    }
+
+    /// What a passive tunnel's `send` wrote, the general way: frame by frame, Close frames
+    /// included. Out of line, so that the usual write's path stays short.
+    #[inline(never)]
+    fn observe_sent(&mut self, from: From, sent: &[u8]) {
+        let flow = match from {
+            From::Upstream => &mut self.to_client,
+            _ => &mut self.to_upstream,
+        };
+        let had_close = flow.obs.close_sent;
+        if self.rec.wants_events() {
+            let rec = &mut self.rec;
+            flow.observe_sent(sent, |e| rec.on(from, &e));
+        } else {
+            flow.obs.count(sent);
+        }
+        if !had_close && flow.obs.close_sent {
+            self.life.peer_closed(from);
+            // What travels toward a closing peer is no longer limited (see send).
+            let toward = if from == From::Client {
+                From::Upstream
+            } else {
+                From::Client
+            };
+            self.lift_limits(toward, now_msec() as Msec);
+        }
     }
 
     fn post_tick(&mut self) {

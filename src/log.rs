@@ -75,7 +75,7 @@ impl Clock {
     }
 
     /// The time text now, brought up to date in place (records read it where it is).
-    #[inline]
+    #[inline(always)]
     pub fn now(&mut self) -> &TimeText {
         let tp = ngx::ffi::ngx_timeofday();
         match &mut self.0 {
@@ -262,7 +262,7 @@ impl LogFile {
 
     /// Writes (or buffers) the line `line` writes for the time now: the data path's records,
     /// which read the clock's text where it is and go straight into the buffer.
-    #[inline]
+    #[inline(always)]
     pub fn write_with(&mut self, line: impl FnOnce(&TimeText, &mut Vec<u8>)) {
         if self.size == 0 {
             let time = self.now_text();
@@ -299,7 +299,7 @@ impl LogFile {
 
     /// A record was appended to the buffer at `start`: writes the buffer out when it is full,
     /// else makes sure it will be flushed.
-    #[inline]
+    #[inline(always)]
     fn buffered(&mut self, start: usize) {
         if self.buf.len() > self.size {
             // It does not fit: what was there goes out first, then the record itself when it

@@ -163,7 +163,7 @@ impl<'a> LogSet<'a> {
 
     /// Writes the line `line` writes for the time now to each chosen log: the data path's
     /// lines, written without a record struct.
-    #[inline]
+    #[inline(always)]
     pub fn write_with(&self, line: impl Fn(&TimeText, &mut Vec<u8>)) {
         if self.mask & self.mask.wrapping_sub(1) == 0 {
             // One log, a file (nearly always): the line goes straight into its buffer.

@@ -24,12 +24,12 @@ use ngx::{ngx_log_debug_http, ngx_log_error};
 
 use crate::conf::{events, LocConf};
 use crate::flow::{Admission, Admit, Event, Flow, Policy, Sent, Sink, Violation, Write};
-use crate::frame::{FrameBrief, Opcode};
+use crate::frame::Opcode;
 use crate::http::{addr_text, find_header, non_empty};
 use crate::inflate::{self, Extensions, InflateError};
 use crate::lifecycle::{CloseOrder, EndFacts, Handshake, Lifecycle, Msec, Tick, Timers};
 use crate::limit::Limiter;
-use crate::observe::{Capture, Direction, Inflate, Observed, Unread};
+use crate::observe::{Capture, Direction, Inflate, Observed, Unread, Whole};
 use crate::record::{
     brief_frame_line, frame_line, CloseRecord, End, FrameRecord, From, Ident, MessageRecord,
     OpcodeField, OpenRecord, PayloadField, SideRecord,
@@ -753,10 +753,21 @@ impl Recorder {
 
     /// The frame record of a whole frame taken the short way.
     #[inline(always)]
-    fn brief_frame(&mut self, from: From, b: FrameBrief) {
+    fn brief_frame(&self, from: From, w: Whole<'_>) {
         if let Some(head) = self.ident.as_ref().and_then(|i| i.frame_head(from)) {
+            // Two lines, so that the usual one, without a payload, has no branch for it.
+            let Some((bytes, truncated)) = w.payload else {
+                self.logs
+                    .write_with(|time, out| brief_frame_line(out, time, head, w.brief, None));
+                return;
+            };
+            let payload = PayloadField {
+                text: w.brief.first & 0x0f == Opcode::Text.as_u8(),
+                bytes,
+                truncated,
+            };
             self.logs
-                .write_with(|time, out| brief_frame_line(out, time, head, b));
+                .write_with(|time, out| brief_frame_line(out, time, head, w.brief, Some(payload)));
         }
     }
 
@@ -1041,8 +1052,8 @@ impl Tunnel {
                     }
                 }
                 Mode::Brief => {
-                    if let Some(b) = flow.observe_whole(sent, true) {
-                        self.rec.brief_frame(from, b);
+                    if let Some(w) = flow.observe_whole(sent, true) {
+                        self.rec.brief_frame(from, w);
                         return n;
                     }
                 }

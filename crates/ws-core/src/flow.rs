@@ -8,9 +8,9 @@
 //! in its own buffers, and a write that returned "again" is always retried first with the same
 //! bytes, as `SSL_write` requires.
 
-use crate::frame::{encode_header, peek_header, unmask, FrameBrief, FrameHeader, Opcode};
+use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
 use crate::lifecycle::Msec;
-use crate::observe::{Capture, Direction, Inflate, Observed, Verdict};
+use crate::observe::{Capture, Direction, Inflate, Observed, Verdict, Whole};
 
 /// Compressed frames up to this size on the wire are held whole and inflated before they are
 /// forwarded when the proxy judges what they inflate to (`ws_max_inflated_size`, or invalid
@@ -441,7 +441,7 @@ impl Flow {
     /// flow's capture (`report`, as [`Flow::observe_sent`]) or counted only (as
     /// [`Direction::count`]): `None` when the bytes must go to one of those.
     #[inline(always)]
-    pub fn observe_whole(&mut self, data: &[u8], report: bool) -> Option<FrameBrief> {
+    pub fn observe_whole<'a>(&'a mut self, data: &'a [u8], report: bool) -> Option<Whole<'a>> {
         let cap = if report {
             self.capture
         } else {

@@ -711,6 +711,7 @@ impl Json<'_> {
     }
 
     /// Standard base64 with padding (no escaping needed), encoded straight into the line.
+    #[inline(always)]
     fn base64(&mut self, bytes: &[u8]) {
         base64_into(self.0, bytes);
     }

@@ -800,8 +800,9 @@ impl Recorder {
                 });
                 if let (Some(ident), None, None) = (&self.ident, f.close_code, &f.close_reason) {
                     // Nearly every frame: its line straight from the header.
-                    self.logs
-                        .write_with(|time, out| frame_line(out, time, ident, from, &h, payload));
+                    self.logs.write_timed_with(|time, out| {
+                        frame_line(out, time, ident, from, &h, payload)
+                    });
                     return;
                 }
                 self.logs.write_timed(|time| FrameRecord {
@@ -1065,8 +1066,9 @@ impl Tunnel {
     }
 
     /// What a passive tunnel's `send` wrote, the general way: frame by frame, Close frames
-    /// included. Out of line, so that the usual write's path stays short.
-    #[inline(never)]
+    /// included. Inlined: out of line, it cost the frame-by-frame configurations (message
+    /// records, compressed traffic) about 20 instructions per message, for 6 on the short way.
+    #[inline(always)]
     fn observe_sent(&mut self, from: From, sent: &[u8]) {
         let flow = match from {
             From::Upstream => &mut self.to_client,

@@ -378,13 +378,15 @@ serde_lines!(OpenRecord, CloseRecord, RejectRecord);
 /// [`Ident::frame_head`]), in one allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ident {
-    /// The client's frame head, the upstream's, each padded to [`HEAD_PAD`] bytes when it
-    /// fits, then `,"conn":…,"request_id":…`.
+    /// `,"conn":…,"request_id":…`, then the client's frame head and the upstream's, each
+    /// padded to [`HEAD_PAD`] bytes when it fits.
     bytes: Box<[u8]>,
+    /// The length of `,"conn":…,"request_id":…`.
+    fields: usize,
     /// The heads' lengths.
     heads: [usize; 2],
-    /// Where each head's room ends (the start of the next).
-    ends: [usize; 2],
+    /// Where the upstream's head starts.
+    upstream: usize,
 }
 
 /// The room of a frame head: 112 bytes hold the longest with nginx's `$request_id` (a
@@ -402,10 +404,11 @@ impl Ident {
     pub fn new(conn: u64, request_id: Option<&str>) -> Ident {
         let mut fields = Vec::new();
         Json(&mut fields).conn_request_id(conn, request_id);
-        let mut v = Vec::new();
-        let (mut heads, mut ends) = ([0; 2], [0; 2]);
+        let mut v = fields.clone();
+        let (mut heads, mut upstream) = ([0; 2], 0);
         for (i, from) in [From::Client, From::Upstream].into_iter().enumerate() {
             let start = v.len();
+            upstream = start;
             let mut j = Json(&mut v);
             j.raw("\",\"event\":\"frame\"");
             j.0.extend_from_slice(&fields);
@@ -414,19 +417,19 @@ impl Ident {
             if heads[i] <= HEAD_PAD {
                 v.resize(start + HEAD_PAD, 0);
             }
-            ends[i] = v.len();
         }
-        v.extend_from_slice(&fields);
         Ident {
             bytes: v.into_boxed_slice(),
+            fields: fields.len(),
             heads,
-            ends,
+            upstream,
         }
     }
 
     /// `,"conn":…,"request_id":…`.
+    #[inline(always)]
     fn fields(&self) -> &[u8] {
-        &self.bytes[self.ends[1]..]
+        &self.bytes[..self.fields]
     }
 
     /// What a peer's `frame` record has between its time and its `opcode`:
@@ -434,15 +437,12 @@ impl Ident {
     /// time), copied in one piece where it took five; `None` for the proxy's frames.
     #[inline]
     pub fn frame_head(&self, from: From) -> Option<FrameHead<'_>> {
-        let (start, i) = match from {
-            From::Client => (0, 0),
-            From::Upstream => (self.ends[0], 1),
+        let (text, len) = match from {
+            From::Client => (self.bytes.get(self.fields..self.upstream)?, self.heads[0]),
+            From::Upstream => (self.bytes.get(self.upstream..)?, self.heads[1]),
             From::Proxy => return None,
         };
-        Some(FrameHead {
-            text: self.bytes.get(start..self.ends[i])?,
-            len: self.heads[i],
-        })
+        Some(FrameHead { text, len })
     }
 
     /// The bytes it holds (what it costs a tunnel, besides the allocation's overhead).

@@ -71,20 +71,25 @@ pub struct Clock(Option<(time_t, ngx_msec_t, TimeText)>);
 impl Clock {
     #[inline]
     pub fn now_text(&mut self) -> TimeText {
+        *self.now()
+    }
+
+    /// The time text now, brought up to date in place (records read it where it is).
+    #[inline(always)]
+    pub fn now(&mut self) -> &TimeText {
         let tp = ngx::ffi::ngx_timeofday();
-        match self.0 {
-            Some((sec, msec, text)) if sec == tp.sec && msec == tp.msec => text,
+        match &mut self.0 {
+            Some((sec, msec, _)) if *sec == tp.sec && *msec == tp.msec => {}
             // A new millisecond of the same second: only its digits change.
-            Some((sec, _, text)) if sec == tp.sec => {
-                let text = text.at_msec(tp.sec, tp.msec as u32);
-                self.0 = Some((tp.sec, tp.msec, text));
-                text
+            Some((sec, msec, text)) if *sec == tp.sec => {
+                text.set_msec(tp.sec, tp.msec as u32);
+                *msec = tp.msec;
             }
-            _ => {
-                let text = TimeText::new(tp.sec, tp.msec as u32);
-                self.0 = Some((tp.sec, tp.msec, text));
-                text
-            }
+            c => *c = Some((tp.sec, tp.msec, TimeText::new(tp.sec, tp.msec as u32))),
+        }
+        match &self.0 {
+            Some((_, _, text)) => text,
+            None => unreachable!("set above"),
         }
     }
 }
@@ -255,6 +260,27 @@ impl LogFile {
         self.line = line;
     }
 
+    /// Writes (or buffers) the line `line` writes for the time now: the data path's records,
+    /// which read the clock's text where it is and go straight into the buffer.
+    #[inline(always)]
+    pub fn write_with(&mut self, line: impl FnOnce(&TimeText, &mut Vec<u8>)) {
+        if self.size == 0 {
+            let time = self.now_text();
+            let mut buf = core::mem::take(&mut self.line);
+            buf.clear();
+            line(&time, &mut buf);
+            self.write_out(&buf, 1);
+            self.line = buf;
+            return;
+        }
+        if self.buf.capacity() < self.size {
+            self.buf.reserve_exact(self.size - self.buf.len());
+        }
+        let start = self.buf.len();
+        line(self.clock.now(), &mut self.buf);
+        self.buffered(start);
+    }
+
     /// Appends one record to the buffer with `fill` (false: it could not be serialized), and
     /// writes the buffer out when it is full.
     #[inline]
@@ -268,6 +294,13 @@ impl LogFile {
             self.count_unwritable();
             return;
         }
+        self.buffered(start);
+    }
+
+    /// A record was appended to the buffer at `start`: writes the buffer out when it is full,
+    /// else makes sure it will be flushed.
+    #[inline(always)]
+    fn buffered(&mut self, start: usize) {
         if self.buf.len() > self.size {
             // It does not fit: what was there goes out first, then the record itself when it
             // is larger than the buffer, else it stays as the buffer's first record.

@@ -10,7 +10,7 @@
 
 use crate::frame::{encode_header, peek_header, unmask, FrameHeader, Opcode};
 use crate::lifecycle::Msec;
-use crate::observe::{Capture, Direction, Inflate, Observed, Verdict};
+use crate::observe::{Capture, Direction, Inflate, Observed, Verdict, Whole};
 
 /// Compressed frames up to this size on the wire are held whole and inflated before they are
 /// forwarded when the proxy judges what they inflate to (`ws_max_inflated_size`, or invalid
@@ -435,6 +435,19 @@ impl Flow {
     /// without the shaping (nothing to inject, hold or judge).
     pub fn observe_sent<F: FnMut(Event<'_>)>(&mut self, data: &[u8], mut on: F) {
         self.obs.feed(data, self.capture, |o| on(Event::Peer(o)));
+    }
+
+    /// [`Direction::whole_message`] for bytes nginx's own `send` wrote, observed with this
+    /// flow's capture (`report`, as [`Flow::observe_sent`]) or counted only (as
+    /// [`Direction::count`]): `None` when the bytes must go to one of those.
+    #[inline(always)]
+    pub fn observe_whole<'a>(&'a mut self, data: &'a [u8], report: bool) -> Option<Whole<'a>> {
+        let cap = if report {
+            self.capture
+        } else {
+            Capture::default()
+        };
+        self.obs.whole_message(data, cap, report)
     }
 
     fn next_mask(&mut self) -> Option<[u8; 4]> {

@@ -114,6 +114,15 @@ impl FrameHeader {
     }
 }
 
+/// What a frame record reads of a whole frame: its first byte (FIN, RSV bits, opcode), its
+/// mask bit and its payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBrief {
+    pub first: u8,
+    pub masked: bool,
+    pub len: u64,
+}
+
 /// What the parser reports while it is fed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -218,9 +227,38 @@ impl Parser {
         }
         let payload = &data[n..total];
         *data = &data[total..];
-        self.current = Some(h);
-        self.done = h.len;
+        self.current = None;
         Some((h, payload))
+    }
+
+    /// At a frame boundary, when `data` is exactly one whole frame: its brief, without
+    /// decoding the rest of the header, and the parser unchanged. Then
+    /// [`Parser::took_whole`] leaves it as [`Parser::whole_frame`] would have.
+    #[inline(always)]
+    pub fn exactly_one(&self, data: &[u8]) -> Option<FrameBrief> {
+        if self.state != State::Header || self.hdr_have != 0 || self.end_due {
+            return None;
+        }
+        let [first, second, ref rest @ ..] = *data else {
+            return None;
+        };
+        let (len, ext) = match second & 0x7f {
+            126 => (u64::from(u16::from_be_bytes(*rest.first_chunk::<2>()?)), 2),
+            127 => (u64::from_be_bytes(*rest.first_chunk::<8>()?), 8),
+            n => (u64::from(n), 0),
+        };
+        let masked = second & 0x80 != 0;
+        let header: u64 = ext + if masked { 4 } else { 0 };
+        if (rest.len() as u64).checked_sub(header) != Some(len) {
+            return None;
+        }
+        Some(FrameBrief { first, masked, len })
+    }
+
+    /// The whole frame [`Parser::exactly_one`] saw was taken.
+    #[inline(always)]
+    pub fn took_whole(&mut self) {
+        self.current = None;
     }
 
     /// Feeds `data` and calls `f` for every event, in stream order.
@@ -354,15 +392,26 @@ fn decode_header(b: &[u8]) -> FrameHeader {
 
 /// Unmasks `data`, which starts at `offset` within a payload masked with `mask`, in place.
 ///
-/// Eight bytes at a time: the key, turned to start at `offset`, repeats every four bytes, so
-/// one 64-bit word of it fits every aligned step (byte by byte it cost about 8 instructions a
+/// Sixteen, then eight bytes at a time: the key, turned to start at `offset`, repeats every
+/// four bytes, so one word of it fits every aligned step (byte by byte it cost about 8 instructions a
 /// byte, most of a captured payload's cost).
 #[inline]
 pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: u64) {
     // Byte k of the word is mask[(offset + k) % 4].
     let key = u32::from_le_bytes(mask).rotate_right(8 * (offset % 4) as u32);
     let wide = u64::from(key) | u64::from(key) << 32;
-    let mut chunks = data.chunks_exact_mut(8);
+    // Sixteen bytes at a time first: an element-wise XOR of fixed-size arrays, which the
+    // compiler turns into one vector operation.
+    let mut key16 = [0; 16];
+    key16[..8].copy_from_slice(&wide.to_le_bytes());
+    key16[8..].copy_from_slice(&wide.to_le_bytes());
+    let mut chunks = data.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (b, k) in c.iter_mut().zip(key16) {
+            *b ^= k;
+        }
+    }
+    let mut chunks = chunks.into_remainder().chunks_exact_mut(8);
     for c in &mut chunks {
         let mut w = [0; 8];
         w.copy_from_slice(c);

@@ -4,7 +4,9 @@
 //! Pure Rust on top of [`crate::frame`]; the nginx glue in `tunnel.rs` feeds it the bytes a
 //! `send` really wrote and turns what it reports into log records.
 
-use crate::frame::{parse_close_payload, peek_header, unmask, Event, FrameHeader, Opcode, Parser};
+use crate::frame::{
+    parse_close_payload, peek_header, unmask, Event, FrameBrief, FrameHeader, Opcode, Parser,
+};
 use crate::inflate::{Exceeded, InflateError, Inflated, Inflater, Need, Stream};
 
 /// Control frames carry at most 125 payload bytes; a longer Close is kept only up to this.
@@ -132,6 +134,14 @@ pub struct Frame<'a> {
     /// Close frames: status code and reason.
     pub close_code: Option<u16>,
     pub close_reason: Option<String>,
+}
+
+/// A whole frame taken by [`Direction::whole_message`]: what a frame record reads of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Whole<'a> {
+    pub brief: FrameBrief,
+    /// The unmasked payload prefix and whether the payload was longer, when captured.
+    pub payload: Option<(&'a [u8], bool)>,
 }
 
 /// Reported by [`Direction::feed`], in stream order: a frame, then the message it completed.
@@ -333,15 +343,91 @@ impl Direction {
         {
             return false;
         }
+        self.single_counts(n);
+        true
+    }
+
+    /// What a whole single-frame Text or Binary message of `n` payload bytes does to the
+    /// counters.
+    #[inline(always)]
+    fn single_counts(&mut self, n: u64) {
         self.starts += 1;
-        self.counted = self.counted(h) + n;
+        // As `counted` has it for a Text or Binary frame.
+        self.counted = if self.unfinished { self.counted } else { 0 } + n;
         self.bytes += n;
         self.frames += 1;
         self.data_frames += 1;
         self.messages += 1;
         self.unfinished = false;
         self.msg = None;
-        true
+    }
+
+    /// The shortest way, for a write that is exactly one frame which [`Direction::run`]'s
+    /// short way would take, or would take but for a frame payload capture (a whole, FIN,
+    /// uncompressed Text or Binary message in a direction that inflates nothing and reports
+    /// no messages): counts it as [`Direction::feed`] (`report`) or [`Direction::count`]
+    /// would, keeps its payload prefix when `feed` would, and returns what `feed` would
+    /// report of it, without decoding or keeping its whole header. Otherwise changes nothing
+    /// and returns `None`: feed or count the bytes. (A property test compares this with
+    /// `feed` and `count`.)
+    #[inline(always)]
+    pub fn whole_message<'a>(
+        &'a mut self,
+        data: &'a [u8],
+        cap: Capture,
+        report: bool,
+    ) -> Option<Whole<'a>> {
+        if self.deflate.is_some() || cap.message_prefix() != 0 || (report && !cap.unread.messages) {
+            return None;
+        }
+        let b = self.parser.exactly_one(data)?;
+        // FIN, Text or Binary, and not compressed.
+        let op = b.first & 0x8f;
+        if !(op == 0x81 || op == 0x82) || (cap.deflate && b.first & 0x40 != 0) {
+            return None;
+        }
+        self.parser.took_whole();
+        self.single_counts(b.len);
+        // What `header` clears of the frame before.
+        if let Some(k) = self.kept.as_deref_mut() {
+            k.frame.clear();
+            k.frame_truncated = false;
+            k.close_payload.clear();
+            k.message.clear();
+        }
+        let prefix = if report { cap.frame_prefix() } else { 0 };
+        if prefix == 0 {
+            return Some(Whole {
+                brief: b,
+                payload: None,
+            });
+        }
+        // The payload ends the write; its masking key, if any, is just before it.
+        let at = data.len() - b.len as usize;
+        let payload = &data[at..];
+        let truncated = payload.len() > prefix;
+        let prefix = &payload[..prefix.min(payload.len())];
+        let mask = data.get(at.wrapping_sub(4)..at);
+        let (true, Some(&[m0, m1, m2, m3]), false) = (b.masked, mask, prefix.is_empty()) else {
+            // Unmasked (or empty): the prefix is read where it is. The general way would copy
+            // it into `kept.frame`, which nothing reads after this report (the next header
+            // clears it).
+            return Some(Whole {
+                brief: b,
+                payload: Some((prefix, truncated)),
+            });
+        };
+        let k = match &mut self.kept {
+            Some(k) => k,
+            none => none.insert(Box::default()),
+        };
+        k.frame.extend_from_slice(prefix);
+        unmask(&mut k.frame, [m0, m1, m2, m3], 0);
+        k.frame_truncated = truncated;
+        Some(Whole {
+            brief: b,
+            payload: Some((&k.frame, truncated)),
+        })
     }
 
     /// A frame starts.
@@ -895,6 +981,126 @@ pub(crate) mod tests {
             proptest::prop_assert_eq!(seen, seen_general);
             proptest::prop_assert_eq!(format!("{short:?}"), format!("{general:?}"));
             proptest::prop_assert_eq!(format!("{counted:?}"), format!("{counted_general:?}"));
+        }
+    }
+
+    /// A whole Text or Binary message of one frame (the writes `whole_message` takes), or any
+    /// frame.
+    fn arb_write() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (
+                any::<bool>(),
+                proptest::option::of(any::<[u8; 4]>()),
+                proptest::collection::vec(any::<u8>(), 0..300),
+                any::<bool>(),
+            )
+                .prop_map(|(text, mask, payload, rsv1)| {
+                    let op = if text { Opcode::Text } else { Opcode::Binary };
+                    crate::frame::tests::build_frame(true, op, mask, &payload, rsv1)
+                }),
+            1 => crate::frame::tests::arb_frame(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// A write that `whole_message` takes leaves a direction exactly as `feed` (or `count`)
+        /// does and reports what `feed` reports for it; one it does not take is left alone.
+        /// Whatever came before (frames split anywhere), whatever the frame, its RSV bits,
+        /// the capture, and writes that are not exactly one frame.
+        #[test]
+        fn whole_message_is_the_general_way(
+            before in proptest::collection::vec(arb_write(), 0..4),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            frame in arb_write(),
+            rsv in proptest::prop_oneof![proptest::strategy::Just(0u8), 0u8..8],
+            edge in proptest::prop_oneof![2 => proptest::strategy::Just(0u8), 1 => 0u8..3],
+            payload in proptest::prop_oneof![0usize..3, 100usize..200],
+            // Half the time a frame payload capture with nothing else read.
+            flags in proptest::prop_oneof![proptest::strategy::Just(4u8 | 8), 0u8..16],
+            report in proptest::prelude::any::<bool>(),
+        ) {
+            let before: Vec<u8> = before.concat();
+            let mut write = frame;
+            write[0] ^= rsv << 4;
+            match edge {
+                1 => { write.pop(); }
+                2 => write.push(0x81),
+                _ => {}
+            }
+            let cap = Capture {
+                payload,
+                deflate: flags & 1 != 0,
+                inflate: Inflate::Off,
+                unread: Unread {
+                    frame_payload: flags & 2 != 0,
+                    message_payload: flags & 8 != 0,
+                    messages: flags & 4 != 0,
+                },
+            };
+            let cap = if report { cap } else { Capture::default() };
+            let at = cut.index(before.len() + 1);
+            let (mut fast, mut general) = (Direction::new(), Direction::new());
+            for d in [&mut fast, &mut general] {
+                for part in [&before[..at], &before[at..]] {
+                    if report {
+                        d.feed(part, cap, |_| {});
+                    } else {
+                        d.count(part);
+                    }
+                }
+            }
+            let untouched = format!("{fast:?}");
+            let mut seen = Vec::new();
+            if report {
+                general.feed(&write, cap, |o| seen.push(format!("{o:?}")));
+            } else {
+                general.count(&write);
+            }
+            let whole = fast.whole_message(&write, cap, report).map(|w| {
+                (w.brief, w.payload.map(|(p, t)| (p.to_vec(), t)))
+            });
+            // A frame's kept payload prefix is read by its report only: the next header
+            // clears it, and a kept buffer holding nothing is as good as none.
+            if whole.is_some() {
+                for d in [&mut fast, &mut general] {
+                    if let Some(k) = d.kept.as_deref_mut() {
+                        k.frame.clear();
+                        k.frame_truncated = false;
+                        if k.message.is_empty()
+                            && k.close_payload.is_empty()
+                            && k.close_reason.is_none()
+                        {
+                            d.kept = None;
+                        }
+                    }
+                }
+            }
+            let reported = whole.map(|(brief, payload)| {
+                let h = crate::frame::peek_header(&write).unwrap();
+                let frame = Frame {
+                    header: h,
+                    message_kind: Some(h.opcode),
+                    payload: payload.as_ref().map(|(p, _)| p.as_slice()),
+                    truncated: payload.as_ref().is_some_and(|(_, t)| *t),
+                    close_code: None,
+                    close_reason: None,
+                };
+                (brief, h, format!("{:?}", Observed::Frame(frame)))
+            });
+            match reported {
+                Some((b, h, frame)) => {
+                    proptest::prop_assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+                    if report {
+                        proptest::prop_assert_eq!(b.first, write[0]);
+                        proptest::prop_assert_eq!(b.masked, h.mask.is_some());
+                        proptest::prop_assert_eq!(b.len, h.len);
+                        proptest::prop_assert_eq!(seen, vec![frame]);
+                    }
+                }
+                None => proptest::prop_assert_eq!(format!("{fast:?}"), untouched),
+            }
         }
     }
 

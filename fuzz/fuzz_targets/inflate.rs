@@ -34,10 +34,15 @@ fn compress(c: &mut Compress, data: &[u8]) -> Vec<u8> {
     let mut input = data;
     loop {
         out.reserve(256);
-        let before = c.total_in();
-        c.compress_vec(input, &mut out, FlushCompress::Sync)
+        let before = (c.total_in(), out.len());
+        let status = c.compress_vec(input, &mut out, FlushCompress::Sync)
             .unwrap();
-        input = &input[(c.total_in() - before) as usize..];
+        input = &input[(c.total_in() - before.0) as usize..];
+        if status == flate2::Status::BufError && out.len() == before.1 && input.is_empty() {
+            // No output for a second sync flush without new input: an empty stored block.
+            out.extend_from_slice(&[0x00, 0x00, 0x00, 0xff, 0xff]);
+            break;
+        }
         if input.is_empty() && out.ends_with(&[0, 0, 0xff, 0xff]) && out.len() < out.capacity() {
             break;
         }

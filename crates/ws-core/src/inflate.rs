@@ -387,11 +387,18 @@ pub(crate) mod tests {
             let mut input = data;
             loop {
                 out.reserve(1024);
-                let before = self.c.total_in();
-                self.c
+                let before = (self.c.total_in(), out.len());
+                let status = self
+                    .c
                     .compress_vec(input, &mut out, FlushCompress::Sync)
                     .unwrap();
-                input = &input[(self.c.total_in() - before) as usize..];
+                input = &input[(self.c.total_in() - before.0) as usize..];
+                if status == flate2::Status::BufError && out.len() == before.1 && input.is_empty() {
+                    // zlib writes nothing for a second sync flush without new input: the
+                    // empty message is an empty stored block (its last four bytes the tail).
+                    out.extend_from_slice(&[0x00, 0x00, 0x00, 0xff, 0xff]);
+                    break;
+                }
                 if input.is_empty() && out.ends_with(&TAIL) && out.len() < out.capacity() {
                     break;
                 }
@@ -649,6 +656,38 @@ pub(crate) mod tests {
         );
         assert!(p.is_empty());
         assert_eq!(r.unwrap().len, Some(0));
+    }
+
+    /// An empty message after another one with context takeover: zlib refuses a second sync
+    /// flush with no new input (Z_BUF_ERROR, nothing written), so the sender writes the empty
+    /// stored block itself. (The sender once looped forever here: every_split_same_result hung
+    /// whenever it drew an empty message after a non-empty one.)
+    #[test]
+    fn empty_message_after_another() {
+        for nct in [false, true] {
+            let s = Stream {
+                window_bits: 15,
+                no_context_takeover: nct,
+            };
+            let mut tx = Sender::new(s);
+            let mut rx = Inflater::new(s);
+            let need = Need {
+                prefix: 16,
+                limit: 1 << 20,
+            };
+            for m in [&b"hello"[..], b"", b"", b"again"] {
+                let wire = tx.message(m);
+                let (p, r) = run(&mut rx, &wire, need, &[]);
+                assert_eq!(&p[..], m);
+                assert_eq!(
+                    r,
+                    Ok(Inflated {
+                        len: Some(m.len() as u64),
+                        error: None
+                    })
+                );
+            }
+        }
     }
 
     proptest! {

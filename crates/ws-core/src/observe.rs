@@ -942,6 +942,21 @@ pub(crate) mod tests {
         );
     }
 
+    /// A capture without inflate from property-test bits: 1 deflate, 2 frame payload unread,
+    /// 4 messages unread, `message_bit` message payload unread.
+    fn capture_from_bits(payload: usize, flags: u8, message_bit: u8) -> Capture {
+        Capture {
+            payload,
+            deflate: flags & 1 != 0,
+            inflate: Inflate::Off,
+            unread: Unread {
+                frame_payload: flags & 2 != 0,
+                message_payload: flags & message_bit != 0,
+                messages: flags & 4 != 0,
+            },
+        }
+    }
+
     proptest::proptest! {
         /// The short way for whole single-frame messages leaves a direction exactly as the
         /// general way does and reports the same, counting or feeding, whatever the frames,
@@ -956,16 +971,7 @@ pub(crate) mod tests {
             let stream: Vec<u8> = frames.concat();
             let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
             points.sort_unstable();
-            let cap = Capture {
-                payload,
-                deflate: flags & 1 != 0,
-                inflate: Inflate::Off,
-                unread: Unread {
-                    frame_payload: flags & 2 != 0,
-                    message_payload: flags & 2 != 0,
-                    messages: flags & 4 != 0,
-                },
-            };
+            let cap = capture_from_bits(payload, flags, 2);
             let (mut short, mut general) = (Direction::new(), Direction::new());
             let (mut counted, mut counted_general) = (Direction::new(), Direction::new());
             let (mut seen, mut seen_general) = (Vec::new(), Vec::new());
@@ -1029,16 +1035,7 @@ pub(crate) mod tests {
                 2 => write.push(0x81),
                 _ => {}
             }
-            let cap = Capture {
-                payload,
-                deflate: flags & 1 != 0,
-                inflate: Inflate::Off,
-                unread: Unread {
-                    frame_payload: flags & 2 != 0,
-                    message_payload: flags & 8 != 0,
-                    messages: flags & 4 != 0,
-                },
-            };
+            let cap = capture_from_bits(payload, flags, 8);
             let cap = if report { cap } else { Capture::default() };
             let at = cut.index(before.len() + 1);
             let (mut fast, mut general) = (Direction::new(), Direction::new());

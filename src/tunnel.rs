@@ -57,11 +57,11 @@ struct Recorder {
     conn: u64,
     /// `$request_id`, in the request pool: read when the tunnel opens only if a record written
     /// then needs it (`open`, or the `ident` of frame and message records); otherwise read
-    /// when the close record is written (`request_id_index`), so that nginx allocates its text
+    /// when the close record is written (`request_id_late`), so that nginx allocates its text
     /// in the request pool when the tunnel ends, not for the tunnel's whole life.
     request_id: Option<&'static str>,
-    /// `$request_id`'s variable index while it is still to be read.
-    request_id_index: Option<ngx_int_t>,
+    /// `$request_id` is still to be read.
+    request_id_late: bool,
     /// `conn` and `request_id` rendered for frame and message records, when they are logged.
     ident: Option<Ident>,
     /// `ws_log_payload`.
@@ -232,13 +232,11 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
     // its text in the request pool (see `Recorder::request_id`).
     let request_id_now = !lcf.logs().is_empty()
         && lcf.events() & (events::OPEN | events::FRAME | events::MESSAGE) != 0;
-    let request_id_index = mcf.map(|m| m.request_id_index);
     // SAFETY: the live request, with this cycle's variable index; the tunnel is dropped by a
     // cleanup of its pool, before the pool's memory (which holds the value) is freed.
-    let request_id = request_id_index
+    let request_id = mcf
         .filter(|_| request_id_now)
-        .and_then(|i| unsafe { crate::http::request_id(r, i) });
-    let request_id_index = request_id_index.filter(|_| !request_id_now);
+        .and_then(|m| unsafe { crate::http::request_id(r, m.request_id_index) });
     let client_conn = req.connection;
     let upstream_conn = u.peer.connection;
     // SAFETY: both connections are live for the request's lifetime.
@@ -308,7 +306,7 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             events: lcf.events(),
             conn,
             request_id,
-            request_id_index,
+            request_id_late: !request_id_now,
             ident: (!lcf.logs().is_empty()
                 && lcf.events() & (events::FRAME | events::MESSAGE) != 0)
                 .then(|| Ident::new(conn, request_id)),
@@ -1466,10 +1464,11 @@ impl Tunnel {
             .then(|| self.rec.logs.now_text())
             .flatten();
         if let Some(time) = close_time {
-            if let Some(i) = self.rec.request_id_index.take() {
-                // SAFETY: the live request (finalizing), with this cycle's variable index; the
-                // text stays in its pool, which outlives the tunnel.
-                self.rec.request_id = unsafe { crate::http::request_id(self.r, i) };
+            if core::mem::take(&mut self.rec.request_id_late) {
+                // SAFETY: the live request (finalizing), of this cycle, with its variable
+                // index; the text stays in its pool, which outlives the tunnel.
+                self.rec.request_id = unsafe { crate::conf::cycle_main_conf() }
+                    .and_then(|m| unsafe { crate::http::request_id(self.r, m.request_id_index) });
             }
             let rec = CloseRecord {
                 time: time.as_str(),

@@ -247,10 +247,10 @@ impl Admit for Unlimited {
     }
 }
 
-/// A limited direction's message accounting.
+/// A limited direction's message accounting (boxed in the flow: most tunnels have no limit,
+/// and the flow is in every tunnel twice).
 #[derive(Debug, Default, Clone, Copy)]
 struct Gate {
-    on: bool,
     /// Messages (numbered like [`Direction::starts`]) that have their verdict.
     asked: u64,
     /// A message that must not pass yet, or at all: its number and what was decided.
@@ -415,8 +415,8 @@ pub struct Flow {
     pub violation: Option<Violation>,
     /// Mask state for injected frames (client to server frames are masked); 0: unmasked.
     mask_state: u32,
-    /// Rate limits on this direction's messages.
-    gate: Gate,
+    /// Rate limits on this direction's messages, when limited.
+    gate: Option<Box<Gate>>,
 }
 
 impl Flow {
@@ -543,7 +543,7 @@ impl Flow {
             && !self.closed
             && self.own.as_deref().is_none_or(Own::quiet)
             && !self.judging()
-            && !self.gate.on
+            && self.gate.is_none()
     }
 
     /// Idle but for the message limits.
@@ -579,21 +579,20 @@ impl Flow {
     /// From now on each data message is admitted by the `Admit` given to
     /// [`Flow::send_limited`] when its first frame is next.
     pub fn limit_messages(&mut self) {
-        self.gate = Gate {
-            on: true,
+        self.gate = Some(Box::new(Gate {
             asked: self.obs.starts,
             pending: None,
-        };
+        }));
     }
 
     /// Whether messages are still limited.
     pub fn limited(&self) -> bool {
-        self.gate.on
+        self.gate.is_some()
     }
 
     /// When the message held back may go, if one is.
     pub fn held_until(&self) -> Option<Msec> {
-        match self.gate.pending {
+        match self.gate.as_deref().and_then(|g| g.pending) {
             Some((_, Admission::Hold(t))) => Some(t),
             _ => None,
         }
@@ -606,14 +605,20 @@ impl Flow {
             && !self.closed
             && self.at_boundary()
             && self.retry.is_none()
-            && self.gate.pending.is_some_and(|(i, _)| i == self.obs.starts)
+            && self
+                .gate
+                .as_deref()
+                .and_then(|g| g.pending)
+                .is_some_and(|(i, _)| i == self.obs.starts)
     }
 
     /// The held message may go if its time has come; returns whether it was released.
     pub fn release(&mut self, now: Msec) -> bool {
         match self.held_until() {
             Some(t) if t <= now => {
-                self.gate.pending = None;
+                if let Some(g) = self.gate.as_deref_mut() {
+                    g.pending = None;
+                }
                 true
             }
             _ => false,
@@ -624,7 +629,7 @@ impl Flow {
     /// one is forgotten. Returns whether a message was held.
     pub fn lift_limits(&mut self) -> bool {
         let held = self.held_until().is_some();
-        self.gate = Gate::default();
+        self.gate = None;
         held
     }
 
@@ -633,19 +638,22 @@ impl Flow {
     fn admit_scan<A: Admit>(&mut self, rest: &[u8], admit: &mut A, single: bool) -> Scan {
         let mut p = 0usize;
         let mut index = self.obs.starts;
+        let Some(gate) = self.gate.as_deref_mut() else {
+            return Scan::Go(rest.len());
+        };
         loop {
             if p >= rest.len() || (single && p > 0) {
                 return Scan::Go(rest.len());
             }
             if begins_message(rest[p]) {
-                if index >= self.gate.asked && self.gate.pending.is_none() {
-                    self.gate.asked = index + 1;
+                if index >= gate.asked && gate.pending.is_none() {
+                    gate.asked = index + 1;
                     match admit.admit() {
                         Admission::Pass => {}
-                        a => self.gate.pending = Some((index, a)),
+                        a => gate.pending = Some((index, a)),
                     }
                 }
-                match self.gate.pending {
+                match gate.pending {
                     Some((i, a)) if i == index => {
                         return match (p, a) {
                             (0, Admission::Refuse) => Scan::Refuse,
@@ -681,7 +689,9 @@ impl Flow {
     /// Whether the proxy still waits for a frame boundary to inject something.
     pub fn wants_boundary(&self) -> bool {
         !self.closed
-            && (self.own.as_deref().is_some_and(Own::requested) || self.judging() || self.gate.on)
+            && (self.own.as_deref().is_some_and(Own::requested)
+                || self.judging()
+                || self.gate.is_some())
     }
 
     /// The input is between frames (nothing held, no frame half passed).
@@ -746,7 +756,11 @@ impl Flow {
         on: &mut F,
         admit: &mut A,
     ) -> Sent {
-        if self.gate.on && self.idle_but_limited() && self.obs.at_boundary() && !buf.is_empty() {
+        if self.gate.is_some()
+            && self.idle_but_limited()
+            && self.obs.at_boundary()
+            && !buf.is_empty()
+        {
             // The usual case of a limit that does not trigger, in one write: every message
             // that begins in `buf` passes. Otherwise the loop below does the rest (the
             // verdicts asked here are kept).
@@ -806,12 +820,12 @@ impl Flow {
                 if rest.is_empty() {
                     return Sent::Consumed(consumed);
                 }
-                if self.gate.on {
+                if self.gate.is_some() {
                     match self.admit_scan(rest, admit, self.judging()) {
                         Scan::Go(n) => judged = Some(n as u64),
                         Scan::Hold => return progress(consumed),
                         Scan::Refuse => {
-                            self.gate = Gate::default();
+                            self.gate = None;
                             self.refuse(Violation::RateLimited);
                             continue;
                         }

@@ -57,11 +57,9 @@ struct Recorder {
     conn: u64,
     /// `$request_id`, in the request pool: read when the tunnel opens only if a record written
     /// then needs it (`open`, or the `ident` of frame and message records); otherwise read
-    /// when the close record is written (`request_id_late`), so that nginx allocates its text
+    /// when the close record is written (still `None` then), so that nginx allocates its text
     /// in the request pool when the tunnel ends, not for the tunnel's whole life.
     request_id: Option<&'static str>,
-    /// `$request_id` is still to be read.
-    request_id_late: bool,
     /// `conn` and `request_id` rendered for frame and message records, when they are logged.
     ident: Option<Ident>,
     /// `ws_log_payload`.
@@ -306,7 +304,6 @@ pub unsafe fn attach(r: *mut ngx_http_request_t) {
             events: lcf.events(),
             conn,
             request_id,
-            request_id_late: !request_id_now,
             ident: (!lcf.logs().is_empty()
                 && lcf.events() & (events::FRAME | events::MESSAGE) != 0)
                 .then(|| Ident::new(conn, request_id)),
@@ -1464,7 +1461,8 @@ impl Tunnel {
             .then(|| self.rec.logs.now_text())
             .flatten();
         if let Some(time) = close_time {
-            if core::mem::take(&mut self.rec.request_id_late) {
+            if self.rec.request_id.is_none() {
+                // Not read when the tunnel opened (or not found then: nginx keeps that answer).
                 // SAFETY: the live request (finalizing), of this cycle, with its variable
                 // index; the text stays in its pool, which outlives the tunnel.
                 self.rec.request_id = unsafe { crate::conf::cycle_main_conf() }

@@ -13,10 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (head, input) = data.split_at(12);
-    let (mut flow, policy) = flow_from(head[..6].try_into().expect("six bytes"));
-    if head[6] & 1 == 1 {
-        flow.watch_pong(b"ngx-ws-ping-1".to_vec());
-    }
+    let (mut flow, policy) = flow_from(head[..7].try_into().expect("seven bytes"));
     let read = usize::from(head[7]).max(1);
     let close_at = usize::from(head[8]) * 8;
     let ping_at = usize::from(head[9]) * 8;

@@ -40,10 +40,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (head, input) = data.split_at(18);
-    let (mut flow, policy) = flow_from(head[..6].try_into().expect("six bytes"));
-    if head[6] & 1 == 1 {
-        flow.watch_pong(b"ngx-ws-ping-1".to_vec());
-    }
+    let (mut flow, policy) = flow_from(head[..7].try_into().expect("seven bytes"));
     flow.limit_messages();
     let read = usize::from(head[7]).max(1);
     // When (input bytes read) the proxy closes, and when the receiving peer's Close lifts the

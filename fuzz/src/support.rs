@@ -187,9 +187,10 @@ pub fn match_input(input: &[Frame], peer: &[&Frame], refused: usize, pong: &[u8]
     matched
 }
 
-/// The flow and policy the first six bytes of a flow target's input choose: frame and
-/// message limits, protocol check, masking, RSV bits, deflate, payload capture, mask seed.
-pub fn flow_from(head: &[u8; 6]) -> (ws_core::flow::Flow, Policy) {
+/// The flow and policy the first seven bytes of a flow target's input choose: frame and
+/// message limits, protocol check, masking, RSV bits, deflate, payload capture, mask seed,
+/// and whether a proxy Ping's Pong is watched for.
+pub fn flow_from(head: &[u8; 7]) -> (ws_core::flow::Flow, Policy) {
     use ws_core::observe::{Capture, Inflate};
     let policy = Policy {
         max_frame: u64::from(head[0]) * 4,
@@ -205,6 +206,9 @@ pub fn flow_from(head: &[u8; 6]) -> (ws_core::flow::Flow, Policy) {
         inflate: Inflate::Off,
         unread: Default::default(),
     };
-    let flow = ws_core::flow::Flow::new(capture, policy, u32::from(head[5]));
+    let mut flow = ws_core::flow::Flow::new(capture, policy, u32::from(head[5]));
+    if head[6] & 1 == 1 {
+        flow.watch_pong(b"ngx-ws-ping-1".to_vec());
+    }
     (flow, policy)
 }
